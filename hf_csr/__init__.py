@@ -1,0 +1,34 @@
+"""hf_csr: Confusional Spectral Regularization for adversarially trained image classifiers.
+
+``import hf_csr`` registers the robust backbones in timm's registry and ``RobustImageClassifier``
+with transformers' ``AutoConfig`` / ``AutoModelForImageClassification``.
+"""
+
+from .attacks import attack_mode, pgd_attack
+from .models import RobustClassifierConfig, RobustImageClassifier, create_robust_classifier
+from .regularizer import (
+    ConfusionEstimator,
+    confusion_counts,
+    csr_penalty,
+    normalize_confusion,
+    spectral_weights,
+    top_singular_pair,
+)
+from .utils import parse_pixel_value
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfusionEstimator",
+    "RobustClassifierConfig",
+    "RobustImageClassifier",
+    "attack_mode",
+    "confusion_counts",
+    "create_robust_classifier",
+    "csr_penalty",
+    "normalize_confusion",
+    "parse_pixel_value",
+    "pgd_attack",
+    "spectral_weights",
+    "top_singular_pair",
+]

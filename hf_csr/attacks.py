@@ -1,0 +1,209 @@
+"""Projected gradient descent attacks (``METHOD.md`` section 6).
+
+``pgd_attack`` covers the training and evaluation attacks of the paper: Linf and L2 threat models;
+cross-entropy (PGD-AT, PGD-20), TRADES KL and CW-margin (CW-20) losses; a uniform start in the
+eps-ball, TRADES' small Gaussian start or none. Images are in [0, 1] and stay there.
+
+Gradients are taken with ``torch.autograd.grad`` with respect to the input alone: no parameter
+``.grad`` is touched and no weight gradient is computed. The model's train/eval flags (module by
+module) are restored afterwards; BatchNorm behaviour during the attack is chosen by ``bn_mode``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .utils import as_logits, check_choice, check_pixel_values, inputs_prevalidated
+
+__all__ = [
+    "NORMS",
+    "ATTACK_LOSSES",
+    "RANDOM_STARTS",
+    "BN_MODES",
+    "attack_mode",
+    "attack_loss",
+    "pgd_attack",
+]
+
+NORMS = ("Linf", "L2")
+ATTACK_LOSSES = ("ce", "kl", "cw")
+RANDOM_STARTS = ("uniform", "gaussian", "none")
+#: ``eval``: BatchNorm uses running statistics (TRADES, the released code).
+#: ``train``: batch statistics, running statistics frozen (the DDPM-data recipes).
+#: ``train_update``: batch statistics, running statistics updated by every attack step.
+BN_MODES = ("eval", "train", "train_update")
+
+_FP16_LOSS_SCALE = 1024.0
+
+
+@contextlib.contextmanager
+def attack_mode(model: nn.Module, bn_mode: str = "eval") -> Iterator[nn.Module]:
+    """Put ``model`` in the mode used to craft attacks; restore every module's flags on exit."""
+    check_choice("bn_mode", bn_mode, BN_MODES)
+    flags = [(module, module.training) for module in model.modules()]
+    frozen = []
+    try:
+        if bn_mode == "eval":
+            model.eval()
+        else:
+            model.train()
+            if bn_mode == "train":
+                for module in model.modules():
+                    if isinstance(module, _BatchNorm) and module.track_running_stats:
+                        # In train mode with track_running_stats=False, BatchNorm normalises with the
+                        # batch statistics and leaves running_mean/var/num_batches_tracked untouched.
+                        module.track_running_stats = False
+                        frozen.append(module)
+        yield model
+    finally:
+        for module in frozen:
+            module.track_running_stats = True
+        for module, training in flags:
+            module.training = training
+
+
+def attack_loss(
+    logits: torch.Tensor, labels: torch.Tensor, loss: str, target_probs: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Per-batch *sum* of the attack objective (to be maximised).
+
+    ``ce``: cross-entropy. ``kl``: ``KL(p_nat || softmax(logits))`` (TRADES; ``target_probs`` = p_nat).
+    ``cw``: the CW margin ``max_{i != y} z_i - z_y``.
+    """
+    logits = logits.float()
+    if loss == "ce":
+        return F.cross_entropy(logits, labels, reduction="sum")
+    if loss == "kl":
+        if target_probs is None:
+            raise ValueError("the 'kl' attack loss needs the natural-image probabilities (target_probs).")
+        return F.kl_div(F.log_softmax(logits, dim=1), target_probs, reduction="sum")
+    if loss == "cw":
+        true = logits.gather(1, labels[:, None]).squeeze(1)
+        other = logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+        return (other - true).sum()
+    raise ValueError(f"loss must be one of {list(ATTACK_LOSSES)}; got {loss!r}.")
+
+
+def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+    if norm == "Linf":
+        x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
+    else:
+        delta = x_adv - x
+        factor = (eps / _per_example_norm(delta).clamp_min(1e-12)).clamp(max=1.0)
+        x_adv = x + delta * factor
+    # Clamping to [0, 1] moves every coordinate towards x (which is in [0, 1]): it never leaves the ball.
+    return x_adv.clamp(0.0, 1.0)
+
+
+def _random_start(
+    x: torch.Tensor, eps: float, norm: str, random_start: str, init_std: float, generator: Optional[torch.Generator]
+) -> torch.Tensor:
+    if random_start == "none":
+        return x.clone()
+    if random_start == "gaussian":
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * init_std
+        return _project(x + noise, x, eps, norm)
+    if norm == "Linf":
+        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
+    else:
+        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
+        noise = direction * radius * eps
+    return _project(x + noise, x, eps, norm)
+
+
+def _fp16_autocast_active(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype(device_type) == torch.float16
+    except (RuntimeError, TypeError):  # pragma: no cover - device types without autocast
+        return False
+
+
+def pgd_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    eps: float,
+    step_size: float,
+    steps: int,
+    norm: str = "Linf",
+    loss: str = "ce",
+    random_start: str = "uniform",
+    bn_mode: str = "eval",
+    natural_logits: Optional[torch.Tensor] = None,
+    init_std: float = 0.001,
+    loss_scale: Optional[float] = None,
+    generator: Optional[torch.Generator] = None,
+    validate: bool = True,
+) -> torch.Tensor:
+    """Projected gradient ascent on ``loss`` within the ``norm`` ball of radius ``eps`` around ``x``.
+
+    Args:
+        model: maps images in [0, 1] to logits (a tensor, ``ModelOutput`` or tuple).
+        x: clean images (N, C, H, W) in [0, 1].
+        y: labels (N,).
+        eps, step_size, steps: the budget (pixel units), the step and the number of steps.
+        norm: ``"Linf"`` (signed gradient steps) or ``"L2"`` (normalised gradient steps).
+        loss: ``"ce"``, ``"kl"`` (TRADES; the target is ``softmax(natural_logits)``, computed once in
+            attack mode when not given) or ``"cw"`` (margin).
+        random_start: ``"uniform"`` in the ball, ``"gaussian"`` (``init_std * N(0, I)``, TRADES) or ``"none"``.
+        bn_mode: ``"eval"``, ``"train"`` (batch statistics, running statistics frozen) or ``"train_update"``.
+        loss_scale: multiplies the loss before differentiation so that fp16 input gradients do not
+            underflow; defaults to 1024 under fp16 autocast and 1 otherwise (steps are scale-free).
+        generator: random generator for the start (on ``x``'s device), for reproducible attacks.
+        validate: check ``x`` and ``y`` once up front.
+
+    Returns:
+        Detached adversarial images, within ``eps`` of ``x`` and in [0, 1]; the last iterate.
+    """
+    check_choice("norm", norm, NORMS)
+    check_choice("loss", loss, ATTACK_LOSSES)
+    check_choice("random_start", random_start, RANDOM_STARTS)
+    check_choice("bn_mode", bn_mode, BN_MODES)
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0; got {eps}.")
+    if not step_size > 0:
+        raise ValueError(f"step_size must be > 0; got {step_size}.")
+    if not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer; got {steps!r}.")
+    if validate:
+        check_pixel_values(x, name="x")
+        if y.shape != (x.shape[0],) or y.is_floating_point():
+            raise ValueError(f"y must be an integer tensor of shape ({x.shape[0]},); got {tuple(y.shape)} {y.dtype}.")
+    x = x.detach()
+    y = y.detach()
+    if loss_scale is None:
+        loss_scale = _FP16_LOSS_SCALE if _fp16_autocast_active(x.device.type) else 1.0
+
+    with attack_mode(model, bn_mode), inputs_prevalidated():
+        target_probs = None
+        if loss == "kl":
+            if natural_logits is None:
+                with torch.no_grad():
+                    natural_logits = as_logits(model(x))
+            target_probs = F.softmax(natural_logits.detach().float(), dim=1)
+        x_adv = _random_start(x, eps, norm, random_start, init_std, generator)
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with torch.enable_grad():
+                objective = attack_loss(as_logits(model(x_adv)), y, loss, target_probs)
+                (grad,) = torch.autograd.grad(objective * loss_scale, [x_adv])
+            x_adv = x_adv.detach()
+            if norm == "Linf":
+                x_adv = x_adv + step_size * grad.sign()
+            else:
+                x_adv = x_adv + step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
+            x_adv = _project(x_adv, x, eps, norm)
+    return x_adv.detach()

@@ -1,0 +1,25 @@
+"""Datasets in hf_csr's convention (uint8 or [0, 1] images, integer labels) and the training collator."""
+
+from .core import RobustImageCollator, TensorImageDataset, augment_batch, check_labels_in_range, to_unit_float
+from .fashion_mnist import (
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
+    balanced_subset,
+    fashion_mnist_dir,
+    load_fashion_mnist,
+)
+
+__all__ = [
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
+    "RobustImageCollator",
+    "TensorImageDataset",
+    "augment_batch",
+    "balanced_subset",
+    "check_labels_in_range",
+    "fashion_mnist_dir",
+    "load_fashion_mnist",
+    "to_unit_float",
+]

@@ -1,0 +1,165 @@
+"""Small shared helpers: input checks, pixel-unit parsing, model-output handling, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import math
+import os
+import tempfile
+from fractions import Fraction
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import torch
+
+__all__ = [
+    "parse_pixel_value",
+    "check_choice",
+    "check_pixel_values",
+    "inputs_prevalidated",
+    "input_checks_enabled",
+    "as_logits",
+    "atomic_write_bytes",
+    "atomic_write_text",
+    "atomic_write_json",
+    "atomic_save",
+]
+
+_INPUT_CHECKS = contextvars.ContextVar("hf_csr_input_checks", default=True)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    """Raise a ``ValueError`` naming ``name`` and the allowed values unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
+
+
+def parse_pixel_value(value: Union[str, float, int], name: str = "value") -> float:
+    """Parse a budget given as a number or a fraction string such as ``"8/255"``.
+
+    Only digits, one ``/`` and a decimal point are accepted (no ``eval``).
+    """
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number or a fraction like '8/255'; got {value!r}.")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                frac = Fraction(num.strip()) / Fraction(den.strip())
+                return float(frac)
+            return float(text)
+        except (ValueError, ZeroDivisionError):
+            pass
+    raise ValueError(f"{name} must be a number or a fraction like '8/255'; got {value!r}.")
+
+
+@contextlib.contextmanager
+def inputs_prevalidated() -> Iterator[None]:
+    """Within this context, models skip their per-forward ``pixel_values`` range check.
+
+    The attacks use it: their iterates are projected onto [0, 1] by construction, and a range check
+    per attack step would cost a device synchronisation each time.
+    """
+    token = _INPUT_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _INPUT_CHECKS.reset(token)
+
+
+def input_checks_enabled() -> bool:
+    return _INPUT_CHECKS.get()
+
+
+def check_pixel_values(
+    pixel_values: Any, *, num_channels: Optional[int] = None, name: str = "pixel_values"
+) -> None:
+    """Raise ``ValueError`` unless ``pixel_values`` is a finite float (N, C, H, W) tensor in [0, 1].
+
+    hf_csr's convention (AutoAttack's too): images are in [0, 1] and the model normalises them
+    itself, so that ``eps`` is in pixel units.
+    """
+    if not isinstance(pixel_values, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor of shape (N, C, H, W); got {type(pixel_values).__name__}.")
+    if pixel_values.dim() != 4:
+        raise ValueError(
+            f"{name} must have shape (N, C, H, W); got {tuple(pixel_values.shape)}. "
+            "Add a batch dimension (x[None]) or a channel dimension (x[:, None]) as needed."
+        )
+    if not pixel_values.is_floating_point():
+        raise ValueError(
+            f"{name} must be a floating-point tensor in [0, 1]; got dtype {pixel_values.dtype}. "
+            "Convert uint8 images with x.float() / 255."
+        )
+    if num_channels is not None and pixel_values.shape[1] != num_channels:
+        raise ValueError(
+            f"{name} has {pixel_values.shape[1]} channels but the model expects num_channels = {num_channels} "
+            f"(shape {tuple(pixel_values.shape)}, channels first)."
+        )
+    if pixel_values.numel() == 0:
+        return
+    lo, hi = torch.aminmax(pixel_values.detach())
+    lo, hi = float(lo), float(hi)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"{name} contains NaN or inf values; images must be finite and in [0, 1].")
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1] (hf_csr models normalise with mean/std internally); got values in "
+            f"[{lo:.4g}, {hi:.4g}]. Pass un-normalised images (e.g. drop transforms.Normalize, divide uint8 by 255)."
+        )
+
+
+def as_logits(output: Any) -> torch.Tensor:
+    """Logits from a model output: a tensor, a ``ModelOutput``/dict with ``logits``, or a tuple."""
+    if isinstance(output, torch.Tensor):
+        return output
+    logits = getattr(output, "logits", None)
+    if logits is None and isinstance(output, dict):
+        logits = output.get("logits")
+    if logits is None and isinstance(output, (tuple, list)) and output:
+        logits = output[0]
+    if not isinstance(logits, torch.Tensor):
+        raise ValueError(
+            f"cannot find logits in the model output of type {type(output).__name__}; the model must return "
+            "a tensor, a tuple whose first element is the logits, or an object with a `logits` field."
+        )
+    return logits
+
+
+def _atomic_replace(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``: never a half-written file."""
+    _atomic_replace(Path(path), lambda handle: handle.write(data))
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_save(obj: Any, path: Union[str, Path]) -> None:
+    """``torch.save`` through a temporary file (the result loads with ``weights_only=True``)."""
+    _atomic_replace(Path(path), lambda handle: torch.save(obj, handle))

@@ -1,0 +1,46 @@
+"""hf_csr: Confusional Spectral Regularization for the Hugging Face ecosystem."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="hf_csr",
+    version="0.1.0",
+    description="Confusional Spectral Regularization: robust fairness for adversarially trained image classifiers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hf_csr", "hf_csr.*"]),
+    include_package_data=True,
+    package_data={"hf_csr": ["metrics/*/*.py", "metrics/*/README.md", "hub/templates/*.md"]},
+    install_requires=[
+        # torchvision >= 0.29 needs the matching torch; older torch/torchvision pairs also work.
+        "torch>=2.4",
+        "torchvision>=0.19",
+        # transformers 5 (dataclass configs, compute_loss during evaluation) is required.
+        "transformers>=5.0,<6",
+        "datasets>=3.0",
+        "accelerate>=1.0",
+        "timm>=1.0.15",
+        "evaluate>=0.4.3",
+        "huggingface_hub>=1.0",
+        "safetensors>=0.4.3",
+        "pyautoattack>=0.2.0",
+        "matplotlib>=3.7",
+        "numpy>=1.24",
+        "pyyaml>=6.0",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "dev": ["pytest>=8.0", "hypothesis>=6.100"],
+    },
+    entry_points={"console_scripts": ["hf-csr=hf_csr.cli:main"]},
+    classifiers=[
+        "Programming Language :: Python :: 3",
+        "Topic :: Scientific/Engineering :: Artificial Intelligence",
+    ],
+)
