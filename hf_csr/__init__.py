@@ -6,6 +6,7 @@ with transformers' ``AutoConfig`` / ``AutoModelForImageClassification``.
 
 from .attacks import attack_mode, pgd_attack
 from .models import RobustClassifierConfig, RobustImageClassifier, create_robust_classifier
+from .configuration import CSRTrainingArguments
 from .regularizer import (
     ConfusionEstimator,
     confusion_counts,
@@ -14,11 +15,14 @@ from .regularizer import (
     spectral_weights,
     top_singular_pair,
 )
+from .trainer import CSRTrainer
 from .utils import parse_pixel_value
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CSRTrainer",
+    "CSRTrainingArguments",
     "ConfusionEstimator",
     "RobustClassifierConfig",
     "RobustImageClassifier",

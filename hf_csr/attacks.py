@@ -29,6 +29,7 @@ __all__ = [
     "attack_mode",
     "attack_loss",
     "pgd_attack",
+    "random_init",
 ]
 
 NORMS = ("Linf", "L2")
@@ -105,22 +106,34 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
     return x_adv.clamp(0.0, 1.0)
 
 
-def _random_start(
-    x: torch.Tensor, eps: float, norm: str, random_start: str, init_std: float, generator: Optional[torch.Generator]
+def random_init(
+    shape: torch.Size,
+    *,
+    eps: float,
+    norm: str = "Linf",
+    random_start: str = "uniform",
+    init_std: float = 0.001,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
+    """The random starting perturbation of PGD (before projection) for a batch of ``shape``.
+
+    ``uniform``: uniform in the Linf ball, or a uniform direction with a uniform radius in the L2 ball;
+    ``gaussian``: ``init_std * N(0, I)`` (TRADES); ``none``: zeros.
+    """
+    check_choice("random_start", random_start, RANDOM_STARTS)
+    kwargs = dict(generator=generator, device=device, dtype=dtype)
     if random_start == "none":
-        return x.clone()
+        return torch.zeros(shape, device=device, dtype=dtype)
     if random_start == "gaussian":
-        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) * init_std
-        return _project(x + noise, x, eps, norm)
+        return torch.randn(shape, **kwargs) * init_std
     if norm == "Linf":
-        noise = (torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype) * 2 - 1) * eps
-    else:
-        direction = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        direction = direction / _per_example_norm(direction).clamp_min(1e-12)
-        radius = torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), generator=generator, device=x.device, dtype=x.dtype)
-        noise = direction * radius * eps
-    return _project(x + noise, x, eps, norm)
+        return (torch.rand(shape, **kwargs) * 2 - 1) * eps
+    direction = torch.randn(shape, **kwargs)
+    direction = direction / _per_example_norm(direction).clamp_min(1e-12)
+    radius = torch.rand((shape[0],) + (1,) * (len(shape) - 1), **kwargs)
+    return direction * radius * eps
 
 
 def _fp16_autocast_active(device_type: str) -> bool:
@@ -144,6 +157,7 @@ def pgd_attack(
     bn_mode: str = "eval",
     natural_logits: Optional[torch.Tensor] = None,
     init_std: float = 0.001,
+    noise: Optional[torch.Tensor] = None,
     loss_scale: Optional[float] = None,
     generator: Optional[torch.Generator] = None,
     validate: bool = True,
@@ -162,6 +176,9 @@ def pgd_attack(
         bn_mode: ``"eval"``, ``"train"`` (batch statistics, running statistics frozen) or ``"train_update"``.
         loss_scale: multiplies the loss before differentiation so that fp16 input gradients do not
             underflow; defaults to 1024 under fp16 autocast and 1 otherwise (steps are scale-free).
+        noise: the starting perturbation (overrides ``random_start``; see :func:`random_init`), e.g. a
+            slice of noise drawn for a whole global batch so that attacks do not depend on how the
+            batch is split across processes.
         generator: random generator for the start (on ``x``'s device), for reproducible attacks.
         validate: check ``x`` and ``y`` once up front.
 
@@ -194,7 +211,14 @@ def pgd_attack(
                 with torch.no_grad():
                     natural_logits = as_logits(model(x))
             target_probs = F.softmax(natural_logits.detach().float(), dim=1)
-        x_adv = _random_start(x, eps, norm, random_start, init_std, generator)
+        if noise is None:
+            noise = random_init(
+                x.shape, eps=eps, norm=norm, random_start=random_start, init_std=init_std,
+                generator=generator, device=x.device, dtype=x.dtype,
+            )
+        elif noise.shape != x.shape:
+            raise ValueError(f"noise must have the shape of x {tuple(x.shape)}; got {tuple(noise.shape)}.")
+        x_adv = _project(x + noise.to(device=x.device, dtype=x.dtype), x, eps, norm)
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():

@@ -36,6 +36,7 @@ __all__ = [
     "runner_up",
     "top_singular_pair",
     "spectral_weights",
+    "weights_from_singular_vectors",
     "csr_penalty",
 ]
 
@@ -237,16 +238,20 @@ def spectral_weights(
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"the confusion matrix must be square (K, K); got {tuple(confusion.shape)}.")
     _, u, v = top_singular_pair(confusion, v0=v0)
+    return weights_from_singular_vectors(u, v, variant), v
+
+
+def weights_from_singular_vectors(u: torch.Tensor, v: torch.Tensor, variant: str = "paper") -> torch.Tensor:
+    """``W = u v^T``, min-max scaled to [0.01, 2.01] for ``reference`` (constant ``W`` -> all ones)."""
     w = torch.outer(u, v)
     if variant == "reference":
         lo, hi = REFERENCE_WEIGHT_RANGE
         w_min, w_max = w.min(), w.max()
         spread = w_max - w_min
-        if spread <= 1e-12 * max(float(w_max.abs()), 1e-300) or spread == 0:
-            w = torch.ones_like(w)
-        else:
-            w = (hi - lo) * (w - w_min) / spread + lo
-    return w, v
+        if spread <= 1e-12 * max(float(w_max.abs()), 1e-300):
+            return torch.ones_like(w)
+        w = (hi - lo) * (w - w_min) / spread + lo
+    return w
 
 
 def csr_penalty(
@@ -374,9 +379,11 @@ class ConfusionEstimator:
         self.counts = torch.zeros(k, k, dtype=torch.float64)
         self.class_counts = torch.zeros(k, dtype=torch.float64)
         self.num_updates = 0
+        self.pass_tag: Optional[int] = None
         self._pass_counts: Optional[torch.Tensor] = None
         self._pass_class_counts: Optional[torch.Tensor] = None
         self._weights: Optional[torch.Tensor] = None
+        self._sigma = 0.0
         self._right_vector: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------------ counting
@@ -452,14 +459,19 @@ class ConfusionEstimator:
         self._pass_counts += counts
         self._pass_class_counts += class_counts
 
-    def finish_pass(self) -> None:
-        """Sum the pass's counts across processes and make them the current ``C``."""
+    def finish_pass(self, tag: Optional[int] = None) -> None:
+        """Sum the pass's counts across processes and make them the current ``C``.
+
+        ``tag`` (e.g. the epoch) is remembered as :attr:`pass_tag`, so that a resumed run can tell
+        that the pass for that epoch was already done.
+        """
         if self._pass_counts is None:
             raise RuntimeError("call start_pass() before finish_pass().")
         counts, class_counts = self._reduce(self._pass_counts, self._pass_class_counts)
         self.counts = counts.cpu().to(torch.float64)
         self.class_counts = class_counts.cpu().to(torch.float64)
         self._pass_counts = self._pass_class_counts = None
+        self.pass_tag = tag
         self.num_updates += 1
         self._weights = None
 
@@ -471,13 +483,22 @@ class ConfusionEstimator:
     def weights(self) -> torch.Tensor:
         """The current spectral weights ``W`` (float64, CPU), cached until ``C`` changes."""
         if self._weights is None:
-            self._weights, v = spectral_weights(self.confusion(), self.variant, v0=self._right_vector)
+            sigma, u, v = top_singular_pair(self.confusion(), v0=self._right_vector)
+            self._weights = weights_from_singular_vectors(u, v, self.variant)
+            self._sigma = float(sigma)
             if torch.any(v > 0):
                 self._right_vector = v
         return self._weights
 
     def spectral_norm(self) -> float:
-        return float(top_singular_pair(self.confusion(), v0=self._right_vector)[0])
+        """``||C||_2`` of the current estimate ``C`` (for ``reference``: of its raw counts)."""
+        self.weights()
+        return self._sigma
+
+    def normalized_spectral_norm(self) -> float:
+        """``||C||_2`` of the current counts normalised as in eq. (1) (columns / m_j), whatever the
+        variant: comparable across variants and sources, for logging."""
+        return float(top_singular_pair(normalize_confusion(self.counts, self.class_counts, "paper"))[0])
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> Dict[str, object]:
@@ -490,9 +511,11 @@ class ConfusionEstimator:
             "counts": self.counts.clone(),
             "class_counts": self.class_counts.clone(),
             "num_updates": self.num_updates,
+            "pass_tag": self.pass_tag,
             # The warm start and the cached W make the continuation bit-identical after a resume.
             "right_vector": None if self._right_vector is None else self._right_vector.clone(),
             "weights": None if self._weights is None else self._weights.clone(),
+            "sigma": self._sigma,
         }
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
@@ -514,7 +537,9 @@ class ConfusionEstimator:
         self.counts = counts.clone()
         self.class_counts = class_counts.clone()
         self.num_updates = int(state.get("num_updates", 0))
+        self.pass_tag = state.get("pass_tag")
         right = state.get("right_vector")
         self._right_vector = None if right is None else torch.as_tensor(right, dtype=torch.float64).clone()
         weights = state.get("weights")
         self._weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float64).clone()
+        self._sigma = float(state.get("sigma", 0.0))

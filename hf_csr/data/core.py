@@ -127,7 +127,9 @@ class RobustImageCollator:
 
     ``crop_padding``: zero-pad by this many pixels and crop back at a random offset (0 disables).
     ``horizontal_flip``: flip half of the images left-right (leave off for digits and text).
-    Randomness comes from torch's global generator, which the Trainer seeds and checkpoints.
+    Randomness comes from torch's global generator. (:class:`~hf_csr.CSRTrainer` augments on the
+    device itself instead, from generators keyed by the step, so that resumed and data-parallel runs
+    see exactly the same augmented images.)
     """
 
     augment: bool = False
@@ -143,20 +145,34 @@ class RobustImageCollator:
         return {"pixel_values": pixels, "labels": labels}
 
 
-def augment_batch(pixels: torch.Tensor, crop_padding: int, horizontal_flip: bool) -> torch.Tensor:
-    """Random crop (zero padding) and horizontal flip for a whole (N, C, H, W) batch."""
+def augment_batch(
+    pixels: torch.Tensor,
+    crop_padding: int,
+    horizontal_flip: bool,
+    *,
+    generator: Optional[torch.Generator] = None,
+    global_size: Optional[int] = None,
+    offset: int = 0,
+) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip for a whole (N, C, H, W) batch.
+
+    The random offsets and flips are drawn for ``global_size`` examples (default N) from ``generator``
+    (default: torch's global generator) and rows ``offset:offset + N`` are used, so a batch split
+    across processes is augmented exactly as the whole batch would be.
+    """
     n, _, h, w = pixels.shape
+    total = n if global_size is None else global_size
+    device = pixels.device
     if crop_padding > 0:
         p = crop_padding
+        shifts = torch.randint(0, 2 * p + 1, (2, total), generator=generator, device=device)[:, offset : offset + n]
         padded = torch.nn.functional.pad(pixels, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,))
-        dx = torch.randint(0, 2 * p + 1, (n,))
-        rows = (dy[:, None] + torch.arange(h)[None, :])[:, None, :, None]  # (N, 1, H, 1)
-        cols = (dx[:, None] + torch.arange(w)[None, :])[:, None, None, :]  # (N, 1, 1, W)
-        batch = torch.arange(n)[:, None, None, None]
-        chans = torch.arange(pixels.shape[1])[None, :, None, None]
+        rows = (shifts[0][:, None] + torch.arange(h, device=device)[None, :])[:, None, :, None]  # (N, 1, H, 1)
+        cols = (shifts[1][:, None] + torch.arange(w, device=device)[None, :])[:, None, None, :]  # (N, 1, 1, W)
+        batch = torch.arange(n, device=device)[:, None, None, None]
+        chans = torch.arange(pixels.shape[1], device=device)[None, :, None, None]
         pixels = padded[batch, chans, rows, cols]
     if horizontal_flip:
-        flip = torch.rand(n) < 0.5
+        flip = (torch.rand(total, generator=generator, device=device) < 0.5)[offset : offset + n]
         pixels = torch.where(flip[:, None, None, None], pixels.flip(-1), pixels)
     return pixels.contiguous()

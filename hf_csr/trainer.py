@@ -1,0 +1,554 @@
+"""``CSRTrainer``: adversarial training (PGD-AT or TRADES) + the CSR penalty as a transformers Trainer.
+
+The Trainer does what it always does -- data loading and sharding, the optimiser, schedules, gradient
+accumulation, mixed precision, DDP, logging integrations, checkpoints. This class only adds, per step
+(METHOD.md section 5):
+
+1. a PGD attack on the *unwrapped* model (never through the DDP wrapper), its random start drawn for
+   the whole global batch so that results do not depend on how the batch is split across processes;
+2. the base loss (``pgd``: CE on adversarial logits; ``trades``: CE on clean + beta * KL);
+3. the confusion counts of the adversarial logits, summed across processes, folded into the
+   estimate ``C`` (``ema``/``batch``; ``epoch`` runs its own pass at each epoch start), and
+   ``csr_alpha * Psi`` with the spectral weights of ``C``;
+4. optionally AWP on top.
+
+The estimator state is saved in every checkpoint (``csr_state.pt``) and restored on resume;
+checkpoints are written to a staging folder and renamed into place, so a run killed mid-save never
+leaves a half-written ``checkpoint-N`` behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import shutil
+from collections import defaultdict
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+
+from .attacks import attack_mode, pgd_attack, random_init
+from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
+from .configuration import CSRTrainingArguments
+from .data import RobustImageCollator, augment_batch
+from .data.core import check_labels_in_range
+from .regularizer import BatchStatistics, ConfusionEstimator, csr_penalty
+from .utils import as_logits, check_pixel_values, inputs_prevalidated
+
+__all__ = ["CSRTrainer", "CSR_STATE_NAME", "validate_training_data"]
+
+logger = logging.getLogger(__name__)
+
+CSR_STATE_NAME = "csr_state.pt"
+_STAGING_DIR = ".incomplete"
+
+
+def _derived_seed(*parts: Any) -> int:
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def validate_training_data(dataset: Optional[Dataset], num_classes: int, name: str, *, require_every_class: bool) -> None:
+    """Check a dataset against the model before any long work starts (clear errors, no surprises).
+
+    Uses the dataset's ``labels`` tensor and ``images`` when it has them (hf_csr datasets do); other
+    datasets are checked through their first example.
+    """
+    if dataset is None:
+        return
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty: it has no examples.")
+    labels = getattr(dataset, "labels", None)
+    if isinstance(labels, torch.Tensor):
+        check_labels_in_range(labels, num_classes, what=name)
+        if require_every_class:
+            missing = torch.nonzero(torch.bincount(labels, minlength=num_classes) == 0).flatten().tolist()
+            if missing:
+                names = getattr(dataset, "class_names", None)
+                shown = [names[i] if names else i for i in missing]
+                raise ValueError(
+                    f"{name} has no examples of class(es) {shown} (indices {missing}) out of num_classes = "
+                    f"{num_classes}; robust fairness needs every class in the training set -- check the label "
+                    "mapping or drop those classes from the model."
+                )
+    else:
+        first = dataset[0]
+        check_labels_in_range(torch.as_tensor([int(first["labels"])]), num_classes, what=name)
+    images = getattr(dataset, "images", None)
+    if isinstance(images, torch.Tensor) and images.is_floating_point():
+        check_pixel_values(images, name=f"{name} images")
+    elif not isinstance(images, torch.Tensor):
+        sample = torch.as_tensor(dataset[0]["pixel_values"])
+        if sample.is_floating_point():
+            check_pixel_values(sample[None], name=f"{name} images")
+
+
+class _CSRCallback(TrainerCallback):
+    """Hooks the trainer needs at epoch / step boundaries (kept out of the public API)."""
+
+    def __init__(self, trainer: "CSRTrainer") -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.trainer._maybe_run_confusion_pass()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._micro_step = 0
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._restore_awp()
+
+
+class CSRTrainer(Trainer):
+    """A ``transformers.Trainer`` for adversarial training with Confusional Spectral Regularization.
+
+    Args:
+        model: a :class:`~hf_csr.RobustImageClassifier` (or any model taking ``pixel_values`` in [0, 1]
+            and returning logits, with ``config.num_labels`` or ``num_classes`` given).
+        args: :class:`~hf_csr.CSRTrainingArguments`.
+        train_dataset / eval_dataset: datasets yielding ``{"pixel_values", "labels"}``.
+        data_collator: defaults to :class:`~hf_csr.data.RobustImageCollator` with the args' augmentation.
+        num_classes: only needed when the model has no ``config.num_labels``.
+
+    Logged every ``logging_steps``: ``base_loss``, ``csr_psi``, ``csr_spectral_norm`` (||C||_2 of the
+    estimate in use, normalised as in eq. 1), ``adv_accuracy`` and ``adv_worst_class_accuracy`` (over
+    the adversarial training examples of the logging window).
+    """
+
+    # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: Optional[nn.Module] = None,
+        args: Optional[CSRTrainingArguments] = None,
+        data_collator=None,
+        train_dataset: Optional[Dataset] = None,
+        eval_dataset: Optional[Dataset] = None,
+        *,
+        num_classes: Optional[int] = None,
+        callbacks: Optional[List[TrainerCallback]] = None,
+        **kwargs,
+    ) -> None:
+        if not isinstance(args, CSRTrainingArguments):
+            raise ValueError(
+                f"CSRTrainer needs args=CSRTrainingArguments(...); got {type(args).__name__}. The CSR, attack and "
+                "AWP settings live there."
+            )
+        if model is None:
+            raise ValueError("CSRTrainer needs a model (e.g. hf_csr.create_robust_classifier(...)).")
+        if data_collator is None:
+            # Augmentation happens in compute_loss, on the device, from step-keyed generators.
+            data_collator = RobustImageCollator(augment=False)
+        self.num_classes = self._resolve_num_classes(model, num_classes)
+        validate_training_data(train_dataset, self.num_classes, "train_dataset", require_every_class=True)
+        eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
+        for dataset in eval_sets:
+            validate_training_data(dataset, self.num_classes, "eval_dataset", require_every_class=False)
+        super().__init__(
+            model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
+            eval_dataset=eval_dataset, callbacks=callbacks, **kwargs,
+        )
+        source = args.csr_confusion_source if args.fairness_method == "csr" else "batch"
+        self.confusion = ConfusionEstimator(
+            self.num_classes, variant=args.csr_variant, gamma=args.csr_gamma, source=source,
+            momentum=args.csr_ema_momentum, reduce_fn=self._sum_across_processes,
+        )
+        self._awp_params = perturbable_parameters(model) if args.awp_gamma > 0 else []
+        self._awp_delta = None
+        self._micro_step = 0
+        self._staging_root: Optional[str] = None
+        self._reset_metrics()
+        self.add_callback(_CSRCallback(self))
+
+    # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _resolve_num_classes(model: nn.Module, num_classes: Optional[int]) -> int:
+        config_classes = getattr(getattr(model, "config", None), "num_labels", None)
+        if num_classes is None:
+            num_classes = config_classes
+        elif config_classes is not None and config_classes != num_classes:
+            raise ValueError(f"num_classes = {num_classes} but the model's config has num_labels = {config_classes}.")
+        if not isinstance(num_classes, int) or num_classes < 2:
+            raise ValueError("cannot tell the number of classes: pass num_classes= or a model with config.num_labels >= 2.")
+        return num_classes
+
+    @property
+    def class_names(self) -> List[str]:
+        config = getattr(self.model, "config", None)
+        id2label = getattr(config, "id2label", None) or {}
+        return [str(id2label.get(i, i)) for i in range(self.num_classes)]
+
+    def _sum_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="sum")
+
+    def _mean_across_processes(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.accelerator.num_processes == 1:
+            return tensor
+        return self.accelerator.reduce(tensor, reduction="mean")
+
+    def _step_generator(self, purpose: str, device: torch.device) -> torch.Generator:
+        """A generator keyed by (seed, purpose, step, micro-step): the randomness of a training step does
+        not depend on the global RNG, so a resumed run draws exactly what the uninterrupted run drew."""
+        generator = torch.Generator(device=device)
+        generator.manual_seed(_derived_seed(self.args.seed, purpose, self.state.global_step, self._micro_step))
+        return generator
+
+    def _augment(self, x: torch.Tensor) -> torch.Tensor:
+        """Random crop + flip (``args.augment``), drawn for the whole global batch, this process's rows."""
+        args = self.args
+        if not args.augment:
+            return x
+        world, rank, n = self.accelerator.num_processes, self.accelerator.process_index, x.shape[0]
+        return augment_batch(
+            x, args.crop_padding, args.horizontal_flip, generator=self._step_generator("augment", x.device),
+            global_size=n * world, offset=rank * n,
+        )
+
+    def _attack_noise(self, x: torch.Tensor) -> torch.Tensor:
+        """PGD's random start for this micro-batch: drawn for the whole global batch, then this process's
+        slice, so that data-parallel runs attack exactly as a single run would."""
+        args = self.args
+        world, rank, n = self.accelerator.num_processes, self.accelerator.process_index, x.shape[0]
+        generator = self._step_generator("attack", x.device)
+        noise = random_init(
+            (n * world,) + tuple(x.shape[1:]), eps=args.attack_eps, norm=args.attack_norm,
+            random_start=args.random_start, generator=generator, device=x.device, dtype=x.dtype,
+        )
+        return noise[rank * n : (rank + 1) * n]
+
+    def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **overrides) -> torch.Tensor:
+        args = self.args
+        settings = dict(
+            eps=args.attack_eps, step_size=args.attack_step_size, steps=args.attack_steps, norm=args.attack_norm,
+            loss="kl" if args.base_loss == "trades" else "ce", bn_mode=args.attack_bn_mode, validate=False,
+        )
+        settings.update(overrides)
+        return pgd_attack(model, x, y, **settings)
+
+    # ------------------------------------------------------------------ the loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        x, y = inputs["pixel_values"], inputs["labels"]
+        if not model.training:
+            # transformers calls compute_loss during evaluation/prediction: the clean loss and logits.
+            outputs = model(pixel_values=x, labels=y)
+            return (outputs.loss, {"logits": outputs.logits}) if return_outputs else outputs.loss
+        args = self.args
+        check_pixel_values(x, name="pixel_values (training batch)")
+        check_labels_in_range(y, self.num_classes, what="training batch")
+        raw = self.accelerator.unwrap_model(model)
+        x = self._augment(x)
+        x_adv = self._attack(raw, x, y, noise=self._attack_noise(x))
+        self._maybe_perturb_weights(raw, x, x_adv, y)
+        with inputs_prevalidated():
+            logits_adv = as_logits(model(pixel_values=x_adv))
+            logits_nat = as_logits(model(pixel_values=x)) if args.base_loss == "trades" else None
+        ce_term, robust_term = self._base_terms(logits_nat, logits_adv, y)
+        base = ce_term + robust_term
+        stats = self.confusion.update(logits_adv, y, validate=False)
+        psi = None
+        if args.csr_enabled:
+            psi = csr_penalty(
+                logits_adv, y, self.confusion.weights(), variant=args.csr_variant, gamma=args.csr_gamma,
+                class_counts=stats.class_counts, num_examples=stats.num_examples, validate=False,
+            )
+            # DDP averages gradients over processes; Psi is a sum over the *global* batch.
+            psi = psi * self.accelerator.num_processes
+            alpha = args.csr_alpha
+            if args.csr_variant == "paper":
+                loss = base + alpha * psi
+            else:
+                loss = (1.0 - alpha) * ce_term + robust_term + alpha * psi
+        else:
+            loss = base
+        self._record_step(base, psi, stats)
+        self._micro_step += 1
+        return (loss, {"logits": logits_adv}) if return_outputs else loss
+
+    def _base_terms(self, logits_nat, logits_adv, y):
+        """(cross-entropy part, the rest) of the base loss; ``reference`` scales the first by (1 - alpha)."""
+        if self.args.base_loss == "pgd":
+            return F.cross_entropy(logits_adv.float(), y), logits_adv.new_zeros((), dtype=torch.float32)
+        ce = F.cross_entropy(logits_nat.float(), y)
+        kl = F.kl_div(
+            F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1), reduction="batchmean"
+        )
+        return ce, self.args.trades_beta * kl
+
+    # ------------------------------------------------------------------ AWP
+    def _awp_active(self) -> bool:
+        epoch = self.state.epoch or 0.0
+        return bool(self._awp_params) and math.floor(epoch + 1e-9) >= self.args.awp_warmup
+
+    def _maybe_perturb_weights(self, raw: nn.Module, x, x_adv, y) -> None:
+        """AWP: perturb the weights once per optimizer step (first micro-batch), removed after the step."""
+        if self._awp_delta is not None or not self._awp_active():
+            return
+        with attack_mode(raw, "train"), inputs_prevalidated(), torch.enable_grad():
+            logits_adv = as_logits(raw(x_adv))
+            logits_nat = as_logits(raw(x)) if self.args.base_loss == "trades" else None
+            ce_term, robust_term = self._base_terms(logits_nat, logits_adv, y)
+            loss = ce_term + robust_term
+        self._awp_delta = awp_perturbation(loss, self._awp_params, self.args.awp_gamma, self._mean_across_processes)
+        apply_perturbation(self._awp_delta, +1.0)
+
+    def _restore_awp(self) -> None:
+        if self._awp_delta is not None:
+            apply_perturbation(self._awp_delta, -1.0)
+            self._awp_delta = None
+
+    # ------------------------------------------------------------------ the epoch source
+    def _maybe_run_confusion_pass(self) -> None:
+        if not (self.args.csr_enabled and self.confusion.source == "epoch"):
+            return
+        epoch = int(math.floor((self.state.epoch or 0.0) + 1e-9))
+        if self.confusion.pass_tag == epoch:
+            return  # resumed mid-epoch: the pass for this epoch is in the restored state
+        self.run_confusion_pass(epoch)
+
+    def run_confusion_pass(self, epoch: int) -> None:
+        """The ``epoch`` source: PGD over the whole training set (model in eval mode), sharded across
+        processes by global batch, counts summed across processes; C is then fixed for the epoch.
+
+        The random starts come from generators keyed by (seed, epoch, batch), so the pass does not
+        touch the global RNG and gives the same C whatever the number of processes."""
+        args, dataset = self.args, self.train_dataset
+        raw = self.accelerator.unwrap_model(self.model_wrapped)
+        batch = args.per_device_eval_batch_size
+        num_batches = math.ceil(len(dataset) / batch)
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        mine = list(range(rank, num_batches, world))
+        collate = RobustImageCollator(augment=False)
+        self.confusion.start_pass()
+        device = args.device
+        bar = tqdm(mine, desc=f"CSR confusion pass (epoch {epoch})", disable=args.disable_tqdm or not self.is_world_process_zero())
+        for b in bar:
+            indices = range(b * batch, min((b + 1) * batch, len(dataset)))
+            inputs = collate([dataset[i] for i in indices])
+            x, y = inputs["pixel_values"].to(device), inputs["labels"].to(device)
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(_derived_seed(args.seed, "pass", epoch, b))
+            with self.accelerator.autocast():
+                x_adv = self._attack(raw, x, y, loss="ce", bn_mode="eval", random_start="uniform", generator=generator)
+                with torch.no_grad(), attack_mode(raw, "eval"), inputs_prevalidated():
+                    logits = as_logits(raw(x_adv))
+            self.confusion.accumulate(logits, y, validate=False)
+        self.confusion.finish_pass(tag=epoch)
+        logger.info("CSR epoch %d: confusion pass done, ||C||_2 = %.4f", epoch, self.confusion.spectral_norm())
+
+    # ------------------------------------------------------------------ logging
+    def _reset_metrics(self) -> None:
+        self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)
+        self._window_correct = torch.zeros(self.num_classes, dtype=torch.long)
+        self._window_counts = torch.zeros(self.num_classes, dtype=torch.long)
+
+    def _record_step(self, base: torch.Tensor, psi: Optional[torch.Tensor], stats: BatchStatistics) -> None:
+        self._metrics["base_loss"].append(base.detach().float())
+        if psi is not None:
+            self._metrics["csr_psi"].append(psi.detach().float())
+        self._window_correct += stats.correct
+        self._window_counts += stats.class_counts
+
+    def _drain_metrics(self) -> Dict[str, float]:
+        logs: Dict[str, float] = {}
+        names = sorted(self._metrics)
+        if names:
+            local = torch.stack([torch.stack(self._metrics[n]).mean() for n in names])
+            values = self._mean_across_processes(local.to(self.args.device)).tolist()
+            logs.update({n: round(v, 6) for n, v in zip(names, values)})
+        counts = self._window_counts
+        if int(counts.sum()) > 0:
+            present = counts > 0
+            per_class = self._window_correct[present].double() / counts[present].double()
+            logs["adv_accuracy"] = round(float(self._window_correct.sum()) / float(counts.sum()), 6)
+            logs["adv_worst_class_accuracy"] = round(float(per_class.min()), 6)
+        if self.args.fairness_method == "csr":
+            logs["csr_spectral_norm"] = round(self.confusion.normalized_spectral_norm(), 6)
+        self._reset_metrics()
+        return logs
+
+    def log(self, logs: Dict[str, float], start_time: Optional[float] = None) -> None:
+        if "loss" in logs:
+            logs = {**logs, **self._drain_metrics()}
+        super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ schedule and optimiser
+    def get_decay_parameter_names(self, model: nn.Module) -> List[str]:
+        """Weight decay on every parameter, as in the paper's (and PGD-AT/TRADES') SGD set-up."""
+        return [name for name, _ in model.named_parameters()]
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        milestones = self.args.milestone_epochs()
+        if not milestones or self.lr_scheduler is not None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        optimizer = self.optimizer if optimizer is None else optimizer
+        epochs = max(float(self.state.num_train_epochs or self.args.num_train_epochs), 1e-12)
+        steps_per_epoch = num_training_steps / epochs
+        boundaries = [m * steps_per_epoch for m in milestones]
+        factor = self.args.lr_decay_factor
+
+        def multiplier(step: int) -> float:
+            return factor ** sum(step >= b for b in boundaries)
+
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------ checkpoints
+    def csr_state_dict(self) -> Dict[str, Any]:
+        return {"confusion": self.confusion.state_dict()}
+
+    def load_csr_state_dict(self, state: Dict[str, Any]) -> None:
+        self.confusion.load_state_dict(state["confusion"])
+
+    def _get_output_dir(self, trial) -> str:
+        if self._staging_root is not None:
+            return self._staging_root
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the checkpoint into ``<output_dir>/.incomplete/checkpoint-N``, add ``csr_state.pt``,
+        then rename it to ``<output_dir>/checkpoint-N``: a kill during the save leaves the previous
+        checkpoint as the latest complete one, and no half-written folder is ever resumed from."""
+        run_dir = super()._get_output_dir(trial)
+        staging_root = os.path.join(run_dir, _STAGING_DIR)
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staged, final = os.path.join(staging_root, name), os.path.join(run_dir, name)
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)  # left by a run killed mid-save
+        self.accelerator.wait_for_everyone()
+        self._staging_root = staging_root
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._staging_root = None
+        if self.args.should_save:
+            torch.save(self.csr_state_dict(), os.path.join(staged, CSR_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            with contextlib.suppress(OSError):
+                os.rmdir(staging_root)  # only when empty
+            if self.state.best_model_checkpoint and self.state.best_model_checkpoint.startswith(staging_root):
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(self.state.best_model_checkpoint))
+                self.state.save_to_json(os.path.join(final, "trainer_state.json"))
+            rotate_checkpoints(
+                output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, CSR_STATE_NAME)
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{resume_from_checkpoint} has no {CSR_STATE_NAME}: it was not written by CSRTrainer (or is "
+                "incomplete), so the confusion estimate cannot be restored. Resume from a CSRTrainer checkpoint."
+            )
+        self.load_csr_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+
+    def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
+        """Save the final model atomically: into a staging folder first, then file by file with
+        ``os.replace`` (a kill never leaves a truncated ``model.safetensors`` in ``output_dir``)."""
+        if _internal_call or self._staging_root is not None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        staged = os.path.join(output_dir, _STAGING_DIR, "final-model")
+        if self.args.should_save and os.path.exists(staged):
+            shutil.rmtree(staged)
+        super().save_model(staged, _internal_call)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            for entry in sorted(os.listdir(staged)):
+                os.replace(os.path.join(staged, entry), os.path.join(output_dir, entry))
+            shutil.rmtree(staged, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.dirname(staged))
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(
+        self,
+        eval_dataset: Optional[Dataset] = None,
+        ignore_keys: Optional[List[str]] = None,
+        metric_key_prefix: str = "eval",
+    ) -> Dict[str, float]:
+        """Clean and adversarial accuracy per class, average and worst class (``args.eval_attacks``)."""
+        from .evaluation import evaluate_robustness  # local import: evaluation pulls in AutoAttack
+
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None:
+            raise ValueError("evaluate() needs an eval_dataset (pass it to CSRTrainer or to evaluate()).")
+        if isinstance(dataset, dict):
+            metrics: Dict[str, float] = {}
+            for name, subset in dataset.items():
+                metrics.update(self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}"))
+            return metrics
+        args = self.args
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        metrics = {}
+        if self.is_world_process_zero():
+            images, labels = self._evaluation_tensors(dataset)
+            report = evaluate_robustness(
+                model, images, labels, attacks=args.eval_attack_list, norm=args.attack_norm, eps=float(args.attack_eps),
+                batch_size=args.per_device_eval_batch_size, seed=args.seed, class_names=self.class_names,
+                device=args.device, progress=not args.disable_tqdm, steps=args.eval_attack_steps,
+            )
+            self.last_evaluation = report
+            metrics = _flatten_report(report.to_dict(), metric_key_prefix)
+        metrics = self._broadcast(metrics)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics
+
+    def _evaluation_tensors(self, dataset: Dataset):
+        limit = self.args.eval_max_examples
+        if hasattr(dataset, "tensors"):
+            indices = None
+            if limit is not None and limit < len(dataset):
+                from .data import balanced_subset
+
+                labels = getattr(dataset, "labels", None)
+                indices = balanced_subset(labels.numpy(), limit, self.args.seed) if labels is not None else range(limit)
+            return dataset.tensors(indices)
+        items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
+        batch = RobustImageCollator(augment=False)(items)
+        return batch["pixel_values"], batch["labels"]
+
+    def _broadcast(self, metrics: Dict[str, float]) -> Dict[str, float]:
+        if self.accelerator.num_processes == 1:
+            return metrics
+        from accelerate.utils import broadcast_object_list
+
+        box = [metrics]
+        broadcast_object_list(box, from_process=0)
+        return box[0]
+
+
+def _flatten_report(results: Dict[str, Any], prefix: str) -> Dict[str, float]:
+    """Flat, loggable metrics: ``{prefix}_{attack}_accuracy``, ``_worst_class_accuracy``, per class."""
+    metrics: Dict[str, float] = {}
+    names: Sequence[str] = results.get("class_names", [])
+    for attack, entry in results.get("attacks", {}).items():
+        key = f"{prefix}_{attack}"
+        metrics[f"{key}_accuracy"] = entry["accuracy"]
+        metrics[f"{key}_worst_class_accuracy"] = entry["worst_class"]["accuracy"]
+        if "spectral_norm" in entry:
+            metrics[f"{key}_spectral_norm"] = entry["spectral_norm"]
+        for name, value in zip(names, entry.get("per_class_accuracy", [])):
+            metrics[f"{key}_class/{name}"] = value
+    return metrics

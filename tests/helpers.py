@@ -1,0 +1,42 @@
+"""Shared test helpers: a BatchNorm-free timm backbone and tiny Fashion-MNIST models and data."""
+
+import torch
+from timm.models import register_model
+from torch import nn
+
+import hf_csr  # noqa: F401
+from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from hf_csr.models import create_robust_classifier
+
+
+class TinyConvNet(nn.Module):
+    """Conv -> ReLU -> pool -> Linear, no BatchNorm (data-parallel and accumulation equivalences need
+    a network whose output does not depend on how the batch is split)."""
+
+    def __init__(self, num_classes=10, in_chans=1, width=8, **kwargs):
+        super().__init__()
+        self.conv = nn.Conv2d(in_chans, width, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=2, padding=1)
+        self.fc = nn.Linear(width, num_classes)
+
+    def forward(self, x):
+        x = torch.relu(self.conv2(torch.relu(self.conv(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+@register_model
+def test_tiny_convnet(pretrained=False, **kwargs):
+    return TinyConvNet(**kwargs)
+
+
+def fmnist_model(backbone="preact_resnet18", **kwargs):
+    if backbone == "preact_resnet18":
+        kwargs = {"width": 4, "num_blocks": (1, 1, 1, 1), **kwargs}
+    return create_robust_classifier(
+        backbone, class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
+        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, **kwargs,
+    )
+
+
+def fmnist(split="train", limit=64, seed=0):
+    return load_fashion_mnist(split, limit=limit, seed=seed)
