@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import timm
 import torch
 from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import HFValidationError
+from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
@@ -118,6 +118,24 @@ PUBLISHED_CHECKPOINTS: Dict[str, PublishedCheckpoint] = {
 
 
 # --------------------------------------------------------------------------- reading files
+def hub_file(repo_id: str, filename: str, *, repo_type: str = "model", revision: Optional[str] = None, **kwargs) -> Path:
+    """``hf_hub_download`` (HF cache, ``HF_ENDPOINT``, offline mode), with a clear error when the file is
+    neither cached nor reachable."""
+    logger.info("Fetching %s from the Hub %s repo %s (revision %s).", filename, repo_type, repo_id, revision or "main")
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, **kwargs))
+    except RemoteEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{filename!r} does not exist in the Hub {repo_type} repo {repo_id!r} at revision {revision or 'main'!r}."
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{filename!r} of the Hub {repo_type} repo {repo_id!r} is not in the HF cache and the Hub cannot be reached "
+            f"(offline mode HF_HUB_OFFLINE=1, local_files_only, or no connection): {error} Download it where the Hub "
+            "is reachable (the same cache works offline afterwards) or pass a local file."
+        ) from error
+
+
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     """The object stored in a checkpoint file: safetensors, or a torch pickle read with ``weights_only=True``."""
     path = Path(path)
@@ -408,11 +426,8 @@ def load_published(
     """
     entry, path, repo_id, filename = _resolve_source(source, filename)
     if path is None:
-        logger.info("Downloading %s from the Hub repo %s (revision %s).", filename, repo_id, revision or "main")
-        path = Path(
-            hf_hub_download(
-                repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
-            )
+        path = hub_file(
+            repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
         )
     if class_names is not None:
         class_names = [str(name) for name in class_names]

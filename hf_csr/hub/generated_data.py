@@ -26,13 +26,12 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
-from huggingface_hub import hf_hub_download
 from numpy.lib import format as npy_format
 from tqdm.auto import tqdm
 
 from ..data.core import TensorImageDataset
 from ..utils import atomic_write_json
-from .checkpoints import DATASETS
+from .checkpoints import DATASETS, hub_file
 
 __all__ = [
     "DDPM_DATA_REPO",
@@ -62,11 +61,9 @@ def download_generated_data(
     local_files_only: bool = False,
 ) -> Path:
     """Download one ``.npz`` file of generated images from a Hub dataset repo into the HF cache."""
-    return Path(
-        hf_hub_download(
-            repo_id, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir, token=token,
-            local_files_only=local_files_only,
-        )
+    return hub_file(
+        repo_id, filename, repo_type="dataset", revision=revision, cache_dir=cache_dir, token=token,
+        local_files_only=local_files_only,
     )
 
 
