@@ -166,11 +166,11 @@ class _Handler(BaseHTTPRequestHandler):
         payload = json.loads(self._body())
         repo_id = f"{payload['organization']}/{payload['name']}"
         key = (payload.get("type") or "model", repo_id)
-        if key in self.hub.repos:
-            return self._error(409, "RepoExists", "You already created this repo")
+        url = f"{self.hub.url}/{'' if key[0] == 'model' else key[0] + 's/'}{repo_id}"
+        if key in self.hub.repos:  # the Hub answers 409 with the repo's url
+            return self._json(409, {"error": "You already created this repo", "url": url})
         self.hub._commit(self.hub.repos.setdefault(key, _Repo()), "main", {".gitattributes": b""})
-        prefix = "" if key[0] == "model" else f"{key[0]}s/"
-        self._json(200, {"url": f"{self.hub.url}/{prefix}{repo_id}", "name": repo_id})
+        self._json(200, {"url": url, "name": repo_id})
 
     def _validate_yaml(self) -> None:
         content = json.loads(self._body())["content"]

@@ -68,7 +68,7 @@ def check_checkpoint_dir(local_dir: Union[str, os.PathLike]) -> List[Path]:
         )
     weights = sorted(directory.glob("model*.safetensors"))
     if not weights:
-        pickles = [p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
         hint = f" (found pickles {pickles}, which are never uploaded)" if pickles else ""
         raise FileNotFoundError(f"{str(directory)!r} has no safetensors weights{hint}; save with save_pretrained.")
     for path in weights:
