@@ -16,37 +16,45 @@ def _bn(sd, prefix, x):
                         sd[prefix + "bias"], training=False, eps=1e-5)
 
 
-def ddpm_state_dict(depth, width, num_classes, seed):
+def _random_wrn_state(depth, width, num_classes, seed, batches_tracked, stem, groups, parts, final, head):
+    """A random WideResNet state dict under the given names. ``groups``: (block prefix, group index) in
+    generation order; ``parts``: the names of (bn before conv 0, conv 0, bn before conv 1, conv 1, shortcut)."""
     g = torch.Generator().manual_seed(seed)
     sd = {}
 
     def conv(name, cout, cin, k):
-        sd[name] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (k * k * cout)) ** 0.5
+        sd[name + ".weight"] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (k * k * cout)) ** 0.5
 
     def bn(name, c):
         sd[name + ".weight"] = 1 + 0.2 * torch.randn(c, generator=g)
         sd[name + ".bias"] = 0.1 * torch.randn(c, generator=g)
         sd[name + ".running_mean"] = 0.1 * torch.randn(c, generator=g)
         sd[name + ".running_var"] = 0.5 + torch.rand(c, generator=g)
-        sd[name + ".num_batches_tracked"] = torch.tensor(100)
+        sd[name + ".num_batches_tracked"] = torch.tensor(batches_tracked)
 
-    n = (depth - 4) // 6
     ch = [16, 16 * width, 32 * width, 64 * width]
-    conv("init_conv.weight", 16, 3, 3)
-    for gi in range(3):
-        for k in range(n):
-            cin = ch[gi] if k == 0 else ch[gi + 1]
-            cout = ch[gi + 1]
-            p = f"layer.{gi}.block.{k}."
-            bn(p + "batchnorm_0", cin)
-            conv(p + "conv_0.weight", cout, cin, 3)
-            bn(p + "batchnorm_1", cout)
-            conv(p + "conv_1.weight", cout, cout, 3)
+    bn_0, conv_0, bn_1, conv_1, shortcut = parts
+    conv(stem, 16, 3, 3)
+    for prefix, gi in groups:
+        for k in range((depth - 4) // 6):
+            cin, cout = (ch[gi] if k == 0 else ch[gi + 1]), ch[gi + 1]
+            p = f"{prefix}.{k}."
+            bn(p + bn_0, cin)
+            conv(p + conv_0, cout, cin, 3)
+            bn(p + bn_1, cout)
+            conv(p + conv_1, cout, cout, 3)
             if cin != cout:
-                conv(p + "shortcut.weight", cout, cin, 1)
-    bn("batchnorm", ch[3])
-    sd["logits.weight"] = torch.randn(num_classes, ch[3], generator=g) * 0.1
-    sd["logits.bias"] = torch.randn(num_classes, generator=g) * 0.1
+                conv(p + shortcut, cout, cin, 1)
+    bn(final, ch[3])
+    sd[head + ".weight"] = torch.randn(num_classes, ch[3], generator=g) * 0.1
+    sd[head + ".bias"] = torch.randn(num_classes, generator=g) * 0.1
+    return sd
+
+
+def ddpm_state_dict(depth, width, num_classes, seed):
+    """A random DDPM-layout checkpoint as published: keys ``module.0.*``."""
+    sd = _random_wrn_state(depth, width, num_classes, seed, 100, "init_conv", [(f"layer.{g}.block", g) for g in range(3)],
+                           ("batchnorm_0", "conv_0", "batchnorm_1", "conv_1", "shortcut"), "batchnorm", "logits")
     return {"module.0." + k: v for k, v in sd.items()}
 
 
@@ -69,37 +77,10 @@ def ddpm_reference_forward(checkpoint, x, depth, mean=CIFAR10_MEAN, std=CIFAR10_
 
 
 def trades_state_dict(depth, width, num_classes, seed):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-
-    def conv(name, cout, cin, k):
-        sd[name] = torch.randn(cout, cin, k, k, generator=g) * (2.0 / (k * k * cout)) ** 0.5
-
-    def bn(name, c):
-        sd[name + ".weight"] = 1 + 0.2 * torch.randn(c, generator=g)
-        sd[name + ".bias"] = 0.1 * torch.randn(c, generator=g)
-        sd[name + ".running_mean"] = 0.1 * torch.randn(c, generator=g)
-        sd[name + ".running_var"] = 0.5 + torch.rand(c, generator=g)
-        sd[name + ".num_batches_tracked"] = torch.tensor(7)
-
-    n = (depth - 4) // 6
-    ch = [16, 16 * width, 32 * width, 64 * width]
-    conv("conv1.weight", 16, 3, 3)
-    for block in ("block1", "sub_block1", "block2", "block3"):
-        gi = {"block1": 0, "sub_block1": 0, "block2": 1, "block3": 2}[block]
-        for k in range(n):
-            cin = ch[gi] if k == 0 else ch[gi + 1]
-            cout = ch[gi + 1]
-            p = f"{block}.layer.{k}."
-            bn(p + "bn1", cin)
-            conv(p + "conv1.weight", cout, cin, 3)
-            bn(p + "bn2", cout)
-            conv(p + "conv2.weight", cout, cout, 3)
-            if cin != cout:
-                conv(p + "convShortcut.weight", cout, cin, 1)
-    bn("bn1", ch[3])
-    sd["fc.weight"] = torch.randn(num_classes, ch[3], generator=g) * 0.1
-    sd["fc.bias"] = torch.randn(num_classes, generator=g) * 0.1
+    """A random TRADES-layout checkpoint: keys ``module.*``, with the unused ``sub_block1``."""
+    groups = [("block1.layer", 0), ("sub_block1.layer", 0), ("block2.layer", 1), ("block3.layer", 2)]
+    sd = _random_wrn_state(depth, width, num_classes, seed, 7, "conv1", groups,
+                           ("bn1", "conv1", "bn2", "conv2", "convShortcut"), "bn1", "fc")
     return {"module." + k: v for k, v in sd.items()}
 
 
