@@ -215,24 +215,25 @@ def _wrn_architecture(state: Mapping[str, torch.Tensor]) -> Optional[Tuple[int, 
     return 6 * (max(blocks) + 1) + 4, first.shape[0] // 16
 
 
+def _wrn_depth_width(name: str) -> Tuple[int, int]:
+    match = _WRN_NAME.match(name)
+    return int(match.group(1)), int(match.group(2))
+
+
 def _backbone_for(layout: _Layout, state: Mapping[str, torch.Tensor], requested: Optional[str]) -> Tuple[str, dict]:
     """The timm backbone (and depth/width overrides) a converted state dict should load into."""
-    match = _WRN_NAME.match(requested or "")
-    if requested is not None and not match:
-        return requested, {}
-    architecture = _wrn_architecture(state)
-    if requested is not None:
-        name, default = requested, (int(match.group(1)), int(match.group(2)))
-    elif layout.family is None:
+    if requested is not None and not _WRN_NAME.match(requested):
+        return requested, {}  # any other timm backbone is used as it is
+    if requested is None and layout.family is None:
         return layout.backbone, {}
-    else:
-        depth, width = architecture or _WRN_NAME.match(layout.backbone).group(1, 2)
-        name = f"wrn{depth}_{width}_{layout.family}"
-        name = name if timm.is_model(name) else f"wrn28_10_{layout.family}"
-        default = tuple(int(v) for v in _WRN_NAME.match(name).group(1, 2))
-    if architecture is None or architecture == default:
-        return name, {}
-    return name, {"depth": architecture[0], "width": architecture[1]}
+    architecture = _wrn_architecture(state)
+    if requested is None:  # the registered name of the inferred architecture, if there is one
+        depth, width = architecture or _wrn_depth_width(layout.backbone)
+        requested = f"wrn{depth}_{width}_{layout.family}"
+        requested = requested if timm.is_model(requested) else f"wrn28_10_{layout.family}"
+    if architecture is None or architecture == _wrn_depth_width(requested):
+        return requested, {}
+    return requested, {"depth": architecture[0], "width": architecture[1]}
 
 
 @functools.lru_cache(maxsize=32)
