@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import mmap
 import os
 import zipfile
 import zlib
@@ -299,6 +300,23 @@ class _ShardWriter:
 
 
 # --------------------------------------------------------------------------- reading shards
+def _map_npy(path: str) -> np.ndarray:
+    """A read-only memory map of an ``.npy`` file, advised for random access: training reads shuffled
+    rows, so the kernel's readahead would only pull unneeded neighbours into memory."""
+    with open(path, "rb") as handle:
+        version = npy_format.read_magic(handle)
+        read_header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(handle)
+        if fortran_order:
+            raise ValueError("the array is stored in Fortran order")
+        offset = handle.tell()
+        mapped = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+    if hasattr(mapped, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+        mapped.madvise(mmap.MADV_RANDOM)
+    count = int(np.prod(shape, dtype=np.int64))
+    return np.frombuffer(mapped, dtype=dtype, count=count, offset=offset).reshape(shape)
+
+
 class ShardedArray:
     """Read-only, row-indexed concatenation of memory-mapped ``.npy`` shards, looking like one array.
 
@@ -312,7 +330,7 @@ class ShardedArray:
         self.arrays = []
         for path in self.paths:
             try:
-                self.arrays.append(np.load(path, mmap_mode="r", allow_pickle=False))
+                self.arrays.append(_map_npy(path))
             except (ValueError, OSError, EOFError) as error:
                 raise ValueError(f"cannot memory-map the shard {path!r}: {error}. Convert the data again.") from error
         first = self.arrays[0]
