@@ -158,3 +158,20 @@ def test_template_is_installed_with_the_package_and_mirrored_in_model_cards():
     assert public.is_file() and filecmp.cmp(public, MODEL_CARD_TEMPLATE, shallow=False)
     setup = (REPO_ROOT / "setup.py").read_text()
     assert '"hub/templates/*.md"' in setup
+
+
+def test_card_command(tmp_path, capsys):
+    import json
+
+    from hf_csr.cli import main
+
+    results = results_fixture(names=["cat", "dog"], attacks=("clean", "pgd20", "autoattack"))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    (tmp_path / "training.json").write_text(json.dumps({"base_loss": "pgd", "csr_variant": "reference", "csr_alpha": 0.3}))
+    assert main(["card", str(tmp_path), "--repo-id", "me/m", "--training", str(tmp_path / "training.json")]) == 0
+    card = ModelCard.load(tmp_path / "README.md")
+    assert model_index(card) == expected_index(results) and "| csr\\_variant | reference |" in card.text
+    assert "Confusional Spectral Regularization (CSR)" in card.text
+    with pytest.raises(SystemExit):
+        main(["card", str(tmp_path), "--training", str(tmp_path / "missing.json")])
+    assert "--training" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from ..utils import atomic_write_text
@@ -146,7 +147,7 @@ def _validated_repo_id(value: Optional[str], name: str) -> Optional[str]:
         return None
     try:
         validate_repo_id(value)
-    except Exception as error:  # HFValidationError
+    except HFValidationError as error:
         raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r} ({error}).") from None
     return value
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import httpx, validate_repo_id
 from safetensors import SafetensorError, safe_open
 
@@ -108,7 +109,7 @@ def push_checkpoint(
     """
     try:
         validate_repo_id(repo_id)
-    except Exception as error:  # HFValidationError
+    except HFValidationError as error:
         raise ValueError(f"repo_id must look like 'namespace/name'; got {repo_id!r} ({error}).") from None
     directory = Path(local_dir)
     files = check_checkpoint_dir(directory)
