@@ -254,6 +254,7 @@ class _ShardWriter:
     def __init__(self, directory: Path, shards: List[Dict[str, Any]], row_shape: tuple) -> None:
         self.directory, self.shards, self.row_shape = directory, shards, row_shape
         self.index, self.filled, self.handles = -1, 0, None
+        self.completed: List[Path] = []
 
     def _open_next(self) -> None:
         self._finish()
@@ -272,8 +273,8 @@ class _ShardWriter:
             if self.handles is None or self.filled == self.shards[self.index]["num_examples"]:
                 self._open_next()
             take = min(len(images) - start, self.shards[self.index]["num_examples"] - self.filled)
-            self.handles[0].write(np.ascontiguousarray(images[start : start + take]).tobytes())
-            self.handles[1].write(labels[start : start + take].astype("<i8").tobytes())
+            self.handles[0].write(np.ascontiguousarray(images[start : start + take]).data)  # no copy
+            self.handles[1].write(labels[start : start + take].astype("<i8").data)
             self.filled += take
             start += take
 
@@ -286,17 +287,20 @@ class _ShardWriter:
             os.fsync(handle.fileno())
             handle.close()
             os.replace(self.directory / f".{shard[key]}.tmp", self.directory / shard[key])
+            self.completed.append(self.directory / shard[key])
         self.handles = None
 
     def close(self) -> None:
         self._finish()
 
     def abort(self) -> None:
+        """Remove everything written so far: a failed conversion leaves no shard behind."""
         for handle in self.handles or ():
             handle.close()
+        for path in [*(Path(h.name) for h in self.handles or ()), *self.completed]:
             with contextlib.suppress(FileNotFoundError):
-                os.unlink(handle.name)
-        self.handles = None
+                path.unlink()
+        self.handles, self.completed = None, []
 
 
 # --------------------------------------------------------------------------- reading shards
