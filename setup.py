@@ -33,6 +33,8 @@ setup(
         "matplotlib>=3.7",
         "numpy>=1.24",
         "pyyaml>=6.0",
+        # model cards are rendered with huggingface_hub.ModelCard.from_template (Jinja)
+        "jinja2>=3.1",
         "tqdm>=4.66",
     ],
     extras_require={

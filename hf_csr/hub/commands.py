@@ -1,0 +1,167 @@
+"""The Hub subcommands of ``hf-csr``: ``convert``, ``convert-data``, ``card`` and ``push``."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from ..utils import parse_pixel_value
+
+__all__ = ["add_hub_commands"]
+
+logger = logging.getLogger(__name__)
+
+
+def _threat_model(text: str) -> dict:
+    norm, sep, eps = text.partition(":")
+    if not sep or norm not in ("Linf", "L2"):
+        raise argparse.ArgumentTypeError(f"expected NORM:EPS with NORM Linf or L2, e.g. Linf:8/255; got {text!r}")
+    try:
+        return {"norm": norm, "eps": parse_pixel_value(eps, "eps")}
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+@contextlib.contextmanager
+def _staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
+    """A fresh directory beside ``output`` that replaces it only once everything is written."""
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
+        raise ValueError(f"{str(output)!r} already exists and is not empty; pass --overwrite to replace it.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        yield staging
+        if output.exists():  # --overwrite: move the old one aside, put the new one in place, then drop the old
+            old = Path(tempfile.mkdtemp(prefix=f".{output.name}.old.", dir=output.parent))
+            os.replace(output, old / output.name)
+            os.replace(staging, output)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, output)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .cards import write_model_card
+    from .checkpoints import _resolve_source, load_published
+
+    entry, _, repo_id, filename = _resolve_source(args.source, args.filename)
+    model = load_published(
+        args.source, filename=args.filename, backbone=args.backbone, num_classes=args.num_classes,
+        dataset=args.dataset, threat_model=args.threat_model, revision=args.revision, cache_dir=args.cache_dir,
+    )
+    output = Path(args.output_dir)
+    with _staged_directory(output, args.overwrite) as staging:
+        model.save_pretrained(staging)
+        write_model_card(
+            staging,
+            base_model=repo_id,
+            dataset=args.dataset or (entry.dataset if entry else None),
+            training={"converted from": f"{repo_id}/{filename}" if repo_id else Path(args.source).name,
+                      "backbone": model.config.backbone, **model.config.backbone_kwargs},
+        )
+    sys.stdout.write(f"wrote {output} ({model.config.backbone}, {model.config.num_labels} classes)\n")
+    return 0
+
+
+def _convert_data(args: argparse.Namespace) -> int:
+    from .generated_data import convert_generated_data, download_generated_data
+
+    paths = [
+        Path(source) if Path(source).is_file() else download_generated_data(source, revision=args.revision)
+        for source in args.sources
+    ]
+    dataset = convert_generated_data(
+        paths, args.output_dir, dataset=args.dataset, shard_size=args.shard_size, chunk_size=args.chunk_size,
+        overwrite=args.overwrite,
+    )
+    sys.stdout.write(f"wrote {len(dataset)} images ({dataset.num_classes} classes) to {args.output_dir}\n")
+    return 0
+
+
+def _card(args: argparse.Namespace) -> int:
+    from .cards import write_model_card
+
+    training = None
+    if args.training is not None:
+        try:
+            training = json.loads(Path(args.training).read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--training {args.training!r} must be a readable JSON file: {error}") from error
+    path = write_model_card(
+        args.checkpoint_dir, repo_id=args.repo_id, base_model=args.base_model, training=training, dataset=args.dataset
+    )
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .push import HubPushError, push_checkpoint
+
+    try:
+        info = push_checkpoint(
+            args.checkpoint_dir, args.repo_id, private=args.private, commit_message=args.commit_message,
+            revision=args.revision, create_pr=args.create_pr,
+        )
+    except HubPushError as error:
+        raise SystemExit(f"hf-csr push: error: {error}") from None
+    sys.stdout.write(f"pushed {args.checkpoint_dir} to {args.repo_id}: {info.commit_url}\n")
+    return 0
+
+
+def add_hub_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``convert``, ``convert-data``, ``card`` and ``push`` on the ``hf-csr`` subparsers."""
+    from .checkpoints import DATASETS, PUBLISHED_CHECKPOINTS
+
+    convert = sub.add_parser(
+        "convert",
+        help="convert a published robust checkpoint (DDPM-data, RobustBench, TRADES) into a save_pretrained directory",
+        description="Known published checkpoints: " + ", ".join(PUBLISHED_CHECKPOINTS),
+    )
+    convert.add_argument("source", help="a published name, a Hub repo id (with --filename) or a local .pt/.safetensors file")
+    convert.add_argument("output_dir")
+    convert.add_argument("--filename", help="the checkpoint file inside the Hub repo")
+    convert.add_argument("--backbone", help="timm backbone name (default: inferred from the keys)")
+    convert.add_argument("--num-classes", type=int)
+    convert.add_argument("--dataset", choices=sorted(DATASETS), help="class names and mean/std (default: inferred)")
+    convert.add_argument("--threat-model", type=_threat_model, help="e.g. Linf:8/255 or L2:128/255")
+    convert.add_argument("--revision")
+    convert.add_argument("--cache-dir")
+    convert.add_argument("--overwrite", action="store_true")
+    convert.set_defaults(func=_convert)
+
+    data = sub.add_parser("convert-data", help="stream DDPM-generated .npz images into memory-mapped shards")
+    data.add_argument("sources", nargs="+", help="local .npz files, or files of the Hub dataset P2333/DM-Improves-AT (cifar10/1m.npz)")
+    data.add_argument("output_dir")
+    data.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
+    data.add_argument("--shard-size", type=int, default=1_000_000, help="images per shard")
+    data.add_argument("--chunk-size", type=int, default=4096, help="images held in memory at a time")
+    data.add_argument("--revision")
+    data.add_argument("--overwrite", action="store_true")
+    data.set_defaults(func=_convert_data)
+
+    card = sub.add_parser("card", help="(re)write the model card README.md of a checkpoint directory")
+    card.add_argument("checkpoint_dir")
+    card.add_argument("--repo-id")
+    card.add_argument("--base-model")
+    card.add_argument("--training", help="JSON file with the training set-up")
+    card.add_argument("--dataset", choices=sorted(DATASETS))
+    card.set_defaults(func=_card)
+
+    push = sub.add_parser("push", help="upload a checkpoint directory (safetensors, config, card, results, plots)")
+    push.add_argument("checkpoint_dir")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true", default=None)
+    push.add_argument("--commit-message")
+    push.add_argument("--revision", help="branch to push to (created if needed)")
+    push.add_argument("--create-pr", action="store_true")
+    push.set_defaults(func=_push)

@@ -1,0 +1,150 @@
+"""Robust checkpoints out: upload a ``save_pretrained`` directory (weights, config, card, results, plots)."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import logging
+import os
+from pathlib import Path
+from typing import List, Optional, Union
+
+from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import httpx, validate_repo_id
+from safetensors import SafetensorError, safe_open
+
+from ..models.modeling_robust import RobustClassifierConfig
+from .cards import write_model_card
+
+__all__ = ["PUSH_PATTERNS", "HubPushError", "check_checkpoint_dir", "push_checkpoint"]
+
+logger = logging.getLogger(__name__)
+
+#: What a push uploads. Pickles (``*.bin``, ``*.pt``, ...) never match: weights go up as safetensors only.
+#: Weights, config and card are taken from the top level only (not from trainer ``checkpoint-*/`` folders).
+PUSH_PATTERNS = (
+    "config.json",
+    "model.safetensors",
+    "model-*.safetensors",
+    "model.safetensors.index.json",
+    "README.md",
+    "results.json",
+    "*.png",
+)
+
+
+class HubPushError(RuntimeError):
+    """A push to the Hub failed; the local checkpoint directory is unchanged and the push can be retried."""
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); the file is truncated or corrupted.") from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object; got {type(value).__name__}.")
+    return value
+
+
+def check_checkpoint_dir(local_dir: Union[str, os.PathLike]) -> List[Path]:
+    """Check that ``local_dir`` is a loadable hf_csr checkpoint; return the files a push would upload.
+
+    Raises ``ValueError`` / ``FileNotFoundError`` naming the file at fault: a missing or invalid ``config.json``
+    (not a ``robust_image_classifier``), missing weights, an unreadable (truncated) safetensors file, an
+    invalid ``results.json``.
+    """
+    directory = Path(local_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {str(directory)!r} does not exist.")
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{str(directory)!r} has no config.json; save the model with save_pretrained first.")
+    config = _read_json(config_path)
+    if config.get("model_type") != RobustClassifierConfig.model_type:
+        raise ValueError(
+            f"{str(config_path)!r} describes a {config.get('model_type')!r} model, not a "
+            f"{RobustClassifierConfig.model_type!r} (hf_csr's RobustImageClassifier)."
+        )
+    weights = sorted(directory.glob("model*.safetensors"))
+    if not weights:
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt"))
+        hint = f" (found pickles {pickles}, which are never uploaded)" if pickles else ""
+        raise FileNotFoundError(f"{str(directory)!r} has no safetensors weights{hint}; save with save_pretrained.")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError) as error:
+            raise ValueError(
+                f"cannot read the weights {str(path)!r}: {error}. The file is truncated or corrupted; save the model again."
+            ) from error
+    if (directory / "results.json").is_file():
+        _read_json(directory / "results.json")
+    files = [p for p in sorted(directory.rglob("*")) if p.is_file()]
+    return [p for p in files if any(fnmatch.fnmatch(p.relative_to(directory).as_posix(), pat) for pat in PUSH_PATTERNS)]
+
+
+def push_checkpoint(
+    local_dir: Union[str, os.PathLike],
+    repo_id: str,
+    *,
+    token: Optional[Union[str, bool]] = None,
+    private: Optional[bool] = None,
+    commit_message: Optional[str] = None,
+    revision: Optional[str] = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    """Upload a ``save_pretrained`` checkpoint directory to a Hub model repo (created if needed).
+
+    Uploads the safetensors weights, ``config.json``, the card ``README.md`` (rendered with
+    :func:`~hf_csr.hub.write_model_card` first if missing), ``results.json`` and PNG plots
+    (:data:`PUSH_PATTERNS`); never a pickle. The pushed repo loads with
+    ``AutoModelForImageClassification.from_pretrained(repo_id)`` after ``import hf_csr``.
+
+    Raises:
+        HubPushError: the Hub refused or the connection failed; ``local_dir`` is left as it was and the
+            message says what to retry.
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(f"repo_id must look like 'namespace/name'; got {repo_id!r} ({error}).") from None
+    directory = Path(local_dir)
+    files = check_checkpoint_dir(directory)
+    if not (directory / "README.md").exists():
+        logger.info("No README.md in %s: writing its model card first.", directory)
+        write_model_card(directory, repo_id=repo_id)
+        files = check_checkpoint_dir(directory)
+    skipped = sorted(
+        p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file() and p not in files
+    )
+    if skipped:
+        logger.warning("Not uploading %d file(s) outside %s: %s", len(skipped), list(PUSH_PATTERNS), skipped[:10])
+
+    api = HfApi(token=token)
+    step = f"create the repo {repo_id}"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        if revision not in (None, "main") and not create_pr:
+            step = f"create the branch {revision!r}"
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        step = f"upload {len(files)} file(s)"
+        info = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=directory,
+            allow_patterns=list(PUSH_PATTERNS),
+            commit_message=commit_message or "Upload robust checkpoint with hf_csr",
+            revision=revision,
+            create_pr=create_pr,
+        )
+    except (httpx.HTTPError, OSError) as error:
+        raise HubPushError(
+            f"pushing {str(directory)!r} to the Hub repo {repo_id!r} failed while trying to {step}: "
+            f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else 'no details'}\n"
+            f"The local checkpoint directory is unchanged. Fix the cause (network, token permissions, Hub status) "
+            f"and retry: `hf-csr push {directory} {repo_id}` (files already on the Hub are not uploaded again)."
+        ) from error
+    logger.info("Pushed %s to %s (%s).", directory, repo_id, info.commit_url)
+    return info
