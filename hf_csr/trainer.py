@@ -383,6 +383,14 @@ class CSRTrainer(Trainer):
             logs = {**logs, **self._drain_metrics()}
         super().log(logs, start_time)
 
+    def _get_train_sampler(self, train_dataset: Optional[Dataset] = None):
+        """Datasets that define their own batch composition (``make_sampler``, e.g. 30% real / 70%
+        generated images) get their sampler; everything else the Trainer's default."""
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if hasattr(dataset, "make_sampler"):
+            return dataset.make_sampler(self.args.per_device_train_batch_size, seed=self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
     # ------------------------------------------------------------------ schedule and optimiser
     def get_decay_parameter_names(self, model: nn.Module) -> List[str]:
         """Weight decay on every parameter, as in the paper's (and PGD-AT/TRADES') SGD set-up."""

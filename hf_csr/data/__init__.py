@@ -1,6 +1,7 @@
 """Datasets in hf_csr's convention (uint8 or [0, 1] images, integer labels) and the training collator."""
 
 from .core import RobustImageCollator, TensorImageDataset, augment_batch, check_labels_in_range, to_unit_float
+from .mixing import MixedBatchOrderSampler, MixedImageDataset
 from .fashion_mnist import (
     FASHION_MNIST_CLASSES,
     FASHION_MNIST_MEAN,
@@ -14,6 +15,8 @@ __all__ = [
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
+    "MixedBatchOrderSampler",
+    "MixedImageDataset",
     "RobustImageCollator",
     "TensorImageDataset",
     "augment_batch",
