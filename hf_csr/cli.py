@@ -7,6 +7,8 @@ import logging
 import sys
 from typing import List, Optional
 
+from .evaluation.command import add_evaluate_parser
+
 __all__ = ["main"]
 
 
@@ -26,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=60, help="clean training steps before the attack")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    add_evaluate_parser(sub)
     return parser
 
 
