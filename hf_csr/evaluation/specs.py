@@ -5,8 +5,9 @@ An attack is named by a string:
 * ``clean``: no attack;
 * ``pgd<steps>`` (``pgd20``): PGD on the cross-entropy, step ``eps / 4``, uniform random start;
 * ``cw<steps>`` (``cw20``): the same on the CW margin ``max_{i != y} z_i - z_y``;
-* ``autoattack``: AutoAttack (``pyautoattack``), ``standard`` version (APGD-CE, APGD-T, FAB-T, Square)
-  or ``rand`` (APGD-CE and APGD-DLR with EOT, for randomised defences);
+* ``autoattack``: AutoAttack (``pyautoattack``), ``standard`` version (APGD-CE, APGD-T, FAB-T, Square),
+  reported as ``autoattack``; with ``autoattack_version="rand"`` (APGD-CE and APGD-DLR with EOT, for
+  randomised defences) it is reported as ``autoattack-rand``;
 * ``autoattack:<a>+<b>...``: AutoAttack's ``custom`` version with the listed components
   (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab``, ``fab-t``, ``square``), e.g. ``autoattack:apgd-ce+apgd-t``.
 
@@ -38,6 +39,7 @@ __all__ = [
 
 AUTOATTACK_COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AUTOATTACK_VERSIONS = ("standard", "rand")
+_VERSION_COMPONENTS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "rand": ("apgd-ce", "apgd-dlr")}
 #: The report entry that counts an example robust only if it survives every attack run.
 WORST_OF_ALL = "worst_of_all"
 _PGD_PATTERN = re.compile(r"(pgd|cw)(\d+)")
@@ -120,8 +122,13 @@ class AutoAttackConfig:
                 raise ValueError(f"AutoAttackConfig.{field} must be a positive integer or None; got {value!r}.")
 
     @property
+    def components(self) -> Tuple[str, ...]:
+        """The AutoAttack components this config runs, in order."""
+        return self.attacks if self.version == "custom" else _VERSION_COMPONENTS[self.version]
+
+    @property
     def uses_gradients(self) -> bool:
-        return self.attacks != ("square",)
+        return self.components != ("square",)
 
     @property
     def name(self) -> str:
@@ -132,7 +139,7 @@ class AutoAttackConfig:
         return f"{name}[{','.join(budget)}]" if budget else name
 
     def describe(self, eps: float) -> Dict[str, Any]:
-        return {"type": "autoattack", **asdict(self), "attacks": list(self.attacks)}
+        return {"type": "autoattack", **asdict(self), "attacks": list(self.components)}
 
     def build(self, model: nn.Module, *, norm: str, eps: float, seed: int, device, num_classes: int):
         """A ``pyautoattack.AutoAttack`` for ``model`` (which must return a logits tensor)."""
@@ -142,10 +149,9 @@ class AutoAttackConfig:
         adversary = AutoAttack(
             model, attacks=custom, device=device, eps=eps, norm=norm, seed=seed, version=self.version
         )
-        components = set(adversary.attacks_to_run)
         # The DLR losses need the 3 (untargeted) or 4 (targeted) largest logits.
         for component, least in (("apgd-dlr", 3), ("apgd-t", 4)):
-            if component in components and num_classes < least:
+            if component in self.components and num_classes < least:
                 raise ValueError(
                     f"AutoAttack's {component} needs at least {least} classes; the model has {num_classes}. "
                     "Use a custom list without it, e.g. 'autoattack:apgd-ce+fab-t+square'."

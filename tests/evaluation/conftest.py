@@ -12,6 +12,15 @@ from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST
 EPS = 4 / 255
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """These models are tiny: one thread is as fast, and it does not spin-wait when the cores are shared."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def tiny_fmnist_classifier():
     return create_robust_classifier(
         "preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
