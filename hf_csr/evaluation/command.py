@@ -55,15 +55,17 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--eps", default=None,
                         help="budget in pixel units, e.g. 8/255 (default: the model config's, else 8/255 for Linf, "
                         "0.5 for L2)")
-    parser.add_argument("--autoattack-version", choices=["standard", "rand"], default="standard")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--autoattack-version", choices=["standard", "rand"], default="standard",
+                        help="the version run by 'autoattack' (rand: for randomised defences, reported as "
+                        "autoattack-rand)")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per batch (AutoAttack runs per batch)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts and of --limit's subsets")
     parser.add_argument("--output-dir", default="robustness_eval",
                         help="where to write the results (default: %(default)s)")
     parser.add_argument("--train-dataset", default=None,
                         help="also evaluate this training set (same forms as --dataset) for the train-vs-test "
                         "class-wise agreement of paper Fig. 2")
-    parser.add_argument("--train-split", default="train")
+    parser.add_argument("--train-split", default="train", help="split of --train-dataset (default: train)")
     parser.add_argument("--train-limit", type=int, default=None,
                         help="subset size for the training set (default: --limit)")
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run the model under autocast")

@@ -9,7 +9,9 @@ An attack is named by a string:
   reported as ``autoattack``; with ``autoattack_version="rand"`` (APGD-CE and APGD-DLR with EOT, for
   randomised defences) it is reported as ``autoattack-rand``;
 * ``autoattack:<a>+<b>...``: AutoAttack's ``custom`` version with the listed components
-  (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab``, ``fab-t``, ``square``), e.g. ``autoattack:apgd-ce+apgd-t``.
+  (``apgd-ce``, ``apgd-dlr``, ``apgd-t``, ``fab``, ``fab-t``, ``square``), e.g. ``autoattack:apgd-ce+apgd-t``
+  (reported under that name). Commas work too: in a comma-separated list of attacks, the components
+  after ``autoattack:`` are collected until the next attack name.
 
 or by a :class:`PGDConfig` / :class:`AutoAttackConfig` instance for other settings (fewer AutoAttack
 iterations for a quick check, another step size).
@@ -191,7 +193,7 @@ def parse_attack(attack: Union[str, AttackConfig], autoattack_version: str = "st
     if text == "autoattack":
         return AutoAttackConfig(version=autoattack_version)
     if text.startswith("autoattack:"):
-        components = tuple(part.strip() for part in text[len("autoattack:"):].split("+"))
+        components = tuple(part.strip() for part in re.split(r"[+,]", text[len("autoattack:"):]))
         unknown = [c for c in components if c not in AUTOATTACK_COMPONENTS]
         if not unknown:
             return AutoAttackConfig(version="custom", attacks=components)
@@ -201,12 +203,23 @@ def parse_attack(attack: Union[str, AttackConfig], autoattack_version: str = "st
     raise ValueError(f"unknown attack {attack!r}; an attack is {_NAME_FORMS}.")
 
 
+def _split_attack_list(text: str) -> List[str]:
+    """Split ``"clean,pgd20,autoattack:apgd-ce,apgd-t"`` at commas, keeping AutoAttack components together."""
+    parts: List[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if part.lower() in AUTOATTACK_COMPONENTS and parts and parts[-1].lower().startswith("autoattack:"):
+            parts[-1] += "+" + part
+        elif part:
+            parts.append(part)
+    return parts
+
+
 def parse_attacks(
     attacks: Union[str, Iterable[Union[str, AttackConfig]]], autoattack_version: str = "standard"
 ) -> List[AttackConfig]:
     """Parse a list of attacks (or a comma-separated string); ``clean`` first, duplicates dropped."""
     if isinstance(attacks, str):
-        attacks = [part for part in attacks.split(",") if part.strip()]
+        attacks = _split_attack_list(attacks)
     configs: List[AttackConfig] = [CleanConfig()]
     for attack in attacks:
         if isinstance(attack, str) and attack.strip().lower() == WORST_OF_ALL:

@@ -263,6 +263,9 @@ def test_attack_names_parse():
     configs = parse_attacks("pgd20, cw40,autoattack,autoattack:apgd-ce+square,pgd20", autoattack_version="rand")
     assert [c.name for c in configs] == ["clean", "pgd20", "cw40", "autoattack-rand", "autoattack:apgd-ce+square"]
     assert configs[2] == PGDConfig(steps=40, loss="cw")
+    commas = parse_attacks("clean,autoattack:apgd-ce,apgd-t,pgd20")
+    assert [c.name for c in commas] == ["clean", "autoattack:apgd-ce+apgd-t", "pgd20"]
+    assert parse_attacks(["autoattack:apgd-ce,square"])[1].attacks == ("apgd-ce", "square")
     assert AutoAttackConfig("custom", ("apgd-ce",), n_iter=5).name == "autoattack:apgd-ce[n_iter=5]"
     with pytest.raises(ValueError, match="exactly when version='custom'"):
         AutoAttackConfig("standard", ("apgd-ce",))
