@@ -52,7 +52,8 @@ class AttackResult:
     ``predictions[q]`` is the worst-case prediction for example ``q``: the prediction on the adversarial
     example when the clean input is classified correctly, else the clean prediction (the clean input
     lies in the threat model too). So ``robust = predictions == labels`` implies clean correctness,
-    as AutoAttack counts it.
+    as AutoAttack counts it. ``config`` describes the attack; ``extra`` holds what else it reported
+    (AutoAttack: the robust accuracy after each component and its warnings).
     """
 
     name: str
@@ -60,6 +61,7 @@ class AttackResult:
     labels: torch.Tensor
     class_names: Sequence[str]
     config: Dict[str, Any] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
     robust: torch.Tensor = field(init=False)
     metrics: Dict[str, Any] = field(init=False)
 
@@ -108,6 +110,7 @@ class AttackResult:
             **{key: m[key] for key in spread},
             "num_robust": int(self.robust.sum()),
             "attack": self.config,
+            **self.extra,
         })
 
 

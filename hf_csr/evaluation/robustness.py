@@ -4,12 +4,17 @@ How examples are counted (the AutoAttack convention): an example is robust under
 is classified correctly both clean and under the attack; only clean-correct examples are attacked.
 ``worst_of_all`` counts an example robust only if it survives every attack run.
 
+AutoAttack runs component by component, each on the examples still robust, in chunks of
+``batch_size``: exactly the batches that one ``run_standard_evaluation(x, y, batch_size=batch_size)``
+call over all examples forms, so the numbers are AutoAttack's own, and progress can be kept per
+(component, chunk).
+
 Reproducibility: PGD's random start draws from a generator seeded by ``(seed, attack, batch)``, and
-AutoAttack runs on each batch with ``seed`` (inside a forked RNG, so the caller's global RNG state is
-untouched). A batch's result therefore does not depend on which other batches ran in the same
-process, which is what makes ``resume_dir`` exact: every finished (attack, batch) is saved atomically,
-keyed by a digest of the model's weights, the batch's images and labels and the attack's settings,
-and reloaded instead of recomputed.
+AutoAttack reseeds with ``seed`` for every chunk (inside a forked RNG, so the caller's global RNG state
+is untouched). A batch's result therefore does not depend on which other batches ran in the same
+process, which is what makes ``resume_dir`` exact: every finished batch is saved atomically, keyed by a
+digest of the model's weights, the batch's images and labels and the attack's settings, and reloaded
+instead of recomputed.
 """
 
 from __future__ import annotations
@@ -92,12 +97,12 @@ class _Images:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, start: int, stop: int) -> torch.Tensor:
+    def take(self, indices: torch.Tensor) -> torch.Tensor:
+        """The images at ``indices`` (a 1-D index tensor), as float [0, 1]."""
         if self.dataset is None:
-            return self.images[start:stop]
-        images, _ = self.dataset.tensors(torch.arange(start, stop))
-        images = to_unit_float(images)
-        check_pixel_values(images, name=f"images[{start}:{stop}]")
+            return self.images[indices.to(self.images.device)]
+        images = to_unit_float(self.dataset.tensors(indices)[0])
+        check_pixel_values(images, name=f"images[{int(indices[0])}..{int(indices[-1])}]")
         return images
 
 
@@ -205,44 +210,45 @@ class _Evaluation:
     """One evaluation run: the batching, resuming and per-attack loops of :func:`evaluate_robustness`."""
 
     def __init__(self, net, images: _Images, *, norm, eps, batch_size, seed, device, dtype, progress, store, model_key):
-        self.net, self.images, self.norm, self.eps = net, images, norm, eps
+        self.net, self.images, self.norm, self.eps, self.batch_size = net, images, norm, eps, batch_size
         self.seed, self.device, self.dtype, self.progress, self.store = seed, device, dtype, progress, store
         self.model_key = model_key
-        n = len(images)
-        self.slices = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+        self.batches = list(torch.arange(len(images)).split(batch_size))
 
     def autocast(self):
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.dtype)
 
-    def run(self, attack: AttackConfig, compute: Callable[[int, torch.Tensor, torch.Tensor, slice], _Payload],
-            **settings: Any):
-        """``compute`` every batch not already in the store; return the payloads in batch order.
+    def run(self, label: str, chunks: Sequence[torch.Tensor], compute: Callable[..., _Payload],
+            settings: Dict[str, Any]) -> List[_Payload]:
+        """``compute(index, x, y, indices)`` for every chunk of example indices not already in the store.
 
-        A stored batch is reused when the model, the batch's images and labels, the attack and
-        ``settings`` (what else its result depends on) are all the same.
+        A stored chunk is reused when the model, the chunk's images and labels and ``settings`` (the
+        attack and everything else its result depends on) are all the same.
         """
-        settings.update(attack=attack.describe(self.eps), autocast=str(self.dtype), model=self.model_key)
+        settings = {**settings, "autocast": str(self.dtype), "model": self.model_key}
         payloads = []
-        batches = tqdm(self.slices, desc=attack.name, unit="batch", disable=not self.progress)
-        for index, (start, stop) in enumerate(batches):
-            x = self.images.batch(start, stop)
-            y = self.images.labels[start:stop]
+        for index, indices in enumerate(tqdm(chunks, desc=label, unit="batch", disable=not self.progress)):
+            x, y = self.images.take(indices), self.images.labels[indices]
             key = _digest(settings, index, x, y) if self.store else None
             payload = self.store.load(key) if self.store else None
             if payload is None:
                 with self.autocast():
-                    payload = compute(index, x.to(self.device), y.to(self.device), slice(start, stop))
+                    payload = compute(index, x.to(self.device), y.to(self.device), indices)
                 if self.store:
                     self.store.save(key, payload)
             payloads.append(payload)
         return payloads
 
+    def settings(self, attack: AttackConfig, **extra: Any) -> Dict[str, Any]:
+        """What an attack's results depend on besides the model and the data."""
+        return {"attack": attack.describe(self.eps), "norm": self.norm, "eps": self.eps, "seed": self.seed, **extra}
+
     def clean(self, attack: AttackConfig, check_gradients: bool) -> Tuple[torch.Tensor, int]:
         """Clean predictions and, with ``check_gradients``, the number of zero input gradients."""
 
-        def compute(index, x, y, _):
+        def compute(index, x, y, indices):
             if not check_gradients:
                 with torch.no_grad():
                     return {"predictions": self.net(x).argmax(1).cpu()}
@@ -260,13 +266,14 @@ class _Evaluation:
             zero = x.shape[0] if grad is None else int((grad.flatten(1) == 0).all(dim=1).sum())
             return {"predictions": logits.detach().argmax(1).cpu(), "zero_gradients": zero}
 
-        payloads = self.run(attack, compute, check_gradients=check_gradients)
+        settings = {"attack": attack.describe(self.eps), "check_gradients": check_gradients}
+        payloads = self.run(attack.name, self.batches, compute, settings)
         predictions = torch.cat([p["predictions"] for p in payloads])
         return predictions, sum(int(p.get("zero_gradients", 0)) for p in payloads)
 
     def pgd(self, attack: PGDConfig, clean: torch.Tensor) -> torch.Tensor:
-        def compute(index, x, y, batch):
-            predictions = clean[batch].clone()
+        def compute(index, x, y, indices):
+            predictions = clean[indices].clone()
             attacked = (predictions == y.cpu()).nonzero().squeeze(1)
             if attacked.numel():
                 generator = torch.Generator(device=x.device).manual_seed(self.batch_seed(attack.name, index))
@@ -280,27 +287,40 @@ class _Evaluation:
                     predictions[attacked] = self.net(x_adv).argmax(1).cpu()
             return {"predictions": predictions}
 
-        return torch.cat([p["predictions"] for p in self.run(attack, compute, **self.threat_settings)])
+        payloads = self.run(attack.name, self.batches, compute, self.settings(attack))
+        return torch.cat([p["predictions"] for p in payloads])
 
-    def autoattack(
-        self, attack: AutoAttackConfig, clean: torch.Tensor, num_classes: int
-    ) -> Tuple[torch.Tensor, List[str]]:
+    def autoattack(self, attack: AutoAttackConfig, clean: torch.Tensor, num_classes: int):
+        """AutoAttack's components in turn, each on the examples still robust, in chunks of ``batch_size``.
+
+        Returns the predictions, AutoAttack's warnings and the robust accuracy after each component.
+        """
         adversary = attack.build(self.net, norm=self.norm, eps=self.eps, seed=self.seed, device=self.device,
                                  num_classes=num_classes)
+        labels = self.images.labels
+        predictions, robust = clean.clone(), clean == labels
+        warnings: List[str] = []
+        accuracy_after: Dict[str, float] = {}
+        for component in attack.components:
+            chunks = list(robust.nonzero().squeeze(1).split(self.batch_size))
 
-        def compute(index, x, y, batch):
-            with _forked_rng(self.device), _captured_warnings("auto-attack") as messages:
-                _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
-            correct = clean[batch] == y.cpu()
-            return {"predictions": torch.where(correct, y_adv.cpu(), clean[batch]), "warnings": messages}
+            def compute(index, x, y, indices):
+                adversary.attacks_to_run = [component]
+                with _forked_rng(self.device), _captured_warnings("auto-attack") as messages:
+                    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
+                return {"predictions": y_adv.cpu(), "warnings": messages}
 
-        payloads = self.run(attack, compute, **self.threat_settings)
-        warnings = list(dict.fromkeys(message for p in payloads for message in p.get("warnings", [])))
-        return torch.cat([p["predictions"] for p in payloads]), warnings
-
-    @property
-    def threat_settings(self) -> Dict[str, Any]:
-        return {"norm": self.norm, "eps": self.eps, "seed": self.seed}
+            payloads = self.run(f"{attack.name} {component}", chunks, compute,
+                                self.settings(attack, component=component))
+            if payloads:
+                indices = torch.cat(chunks)
+                adversarial = torch.cat([p["predictions"] for p in payloads])
+                fooled = adversarial != labels[indices]
+                predictions[indices[fooled]] = adversarial[fooled]
+                robust[indices[fooled]] = False
+            warnings = list(dict.fromkeys(warnings + [message for p in payloads for message in p["warnings"]]))
+            accuracy_after[component] = int(robust.sum()) / len(robust)
+        return predictions, warnings, accuracy_after
 
     def batch_seed(self, name: str, index: int) -> int:
         return (self.seed * 1_000_003 + zlib.crc32(f"{name}/{index}".encode())) % (2**63)
@@ -331,8 +351,7 @@ def _worst_of_all(results: Sequence[AttackResult], labels: torch.Tensor) -> torc
     return predictions
 
 
-def _flags(results: Dict[str, AttackResult], zero_gradients: int, num_examples: int,
-           autoattack_warnings: Dict[str, List[str]]) -> List[str]:
+def _flags(results: Dict[str, AttackResult], zero_gradients: int, num_examples: int) -> List[str]:
     flags = []
     if zero_gradients:
         flags.append(
@@ -341,12 +360,20 @@ def _flags(results: Dict[str, AttackResult], zero_gradients: int, num_examples: 
             "accuracy is not trustworthy. Look for non-differentiable steps in the model (rounding, quantisation) "
             "or add a gradient-free attack ('autoattack:square')."
         )
-    for name, messages in autoattack_warnings.items():
-        flags += [f"{name}: AutoAttack warned: {message}" for message in messages]
     gradient_attacks = [n for n, r in results.items() if r.config.get("type") == "pgd"]
     for name, result in results.items():
         if result.config.get("type") != "autoattack":
             continue
+        flags += [f"{name}: AutoAttack warned: {message}" for message in result.extra["autoattack_warnings"]]
+        after = result.extra["robust_accuracy_after"]
+        gradient_based = [v for k, v in after.items() if k != "square"]
+        # AutoAttack's own check_square_sr, which cannot fire when components run one at a time.
+        if "square" in after and gradient_based and after["square"] < min(gradient_based) - 0.002:
+            flags.append(
+                f"{name}: the gradient-free Square attack lowered the robust accuracy by "
+                f"{min(gradient_based) - after['square']:.2%} after the gradient-based components: their gradients "
+                "may be masked, and AutoAttack's authors consider such an evaluation unreliable."
+            )
         for other in gradient_attacks:
             if result.accuracy > results[other].accuracy:
                 flags.append(
@@ -415,7 +442,7 @@ def evaluate_robustness(
     net = _Logits(model)
     with attack_mode(model, "eval"):
         with torch.no_grad():
-            num_classes = net(source.batch(0, 1).to(device)).shape[1]
+            num_classes = net(source.take(torch.arange(1)).to(device)).shape[1]
         names = _class_names(model, source, class_names, num_classes)
         store = _ProgressStore(resume_dir) if resume_dir is not None else None
         run = _Evaluation(
@@ -423,18 +450,20 @@ def evaluate_robustness(
             progress=progress, store=store, model_key=_model_fingerprint(model) if store else None,
         )
         results: Dict[str, AttackResult] = {}
-        autoattack_warnings: Dict[str, List[str]] = {}
         clean, zero_gradients = run.clean(configs[0], check_gradients=any(c.uses_gradients for c in configs[1:]))
         with inputs_prevalidated():  # every batch was range-checked by the clean pass
             for config in configs:
+                extra = {}
                 if isinstance(config, PGDConfig):
                     predictions = run.pgd(config, clean)
                 elif isinstance(config, AutoAttackConfig):
-                    predictions, autoattack_warnings[config.name] = run.autoattack(config, clean, num_classes)
+                    predictions, warnings, after = run.autoattack(config, clean, num_classes)
+                    extra = {"robust_accuracy_after": after, "autoattack_warnings": warnings}
                 else:
                     predictions = clean
-                result = AttackResult(config.name, predictions, source.labels, names, config.describe(eps))
-                results[config.name] = result
+                results[config.name] = AttackResult(
+                    config.name, predictions, source.labels, names, config.describe(eps), extra=extra
+                )
                 _log_result(results[config.name])
     adversarial = [results[c.name] for c in configs[1:]]
     if adversarial:
@@ -443,7 +472,7 @@ def evaluate_robustness(
             {"type": WORST_OF_ALL, "attacks": [r.name for r in adversarial]},
         )
         _log_result(results[WORST_OF_ALL])
-    flags = _flags(results, zero_gradients, len(source), autoattack_warnings)
+    flags = _flags(results, zero_gradients, len(source))
     for flag in flags:
         logger.warning(flag)
     settings = {

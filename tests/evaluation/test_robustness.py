@@ -82,20 +82,26 @@ def test_attacks_break_examples(report):
 
 
 def test_autoattack_accuracy_equals_pyautoattack(fmnist_model, fmnist_test):
-    """hf_csr's AutoAttack numbers are pyautoattack's own (x_adv, y_adv) on the same inputs and seed."""
+    """hf_csr's AutoAttack numbers are pyautoattack's own (x_adv, y_adv) on the same inputs and seed.
+
+    24 examples in batches of 16: AutoAttack attacks only the clean-correct examples, regrouped into
+    batches of 16 across the data, as in one run_standard_evaluation call.
+    """
     from pyautoattack import AutoAttack
 
-    x, y, eps = *fmnist_test.tensors(range(32)), 8 / 255
-    report = evaluate_robustness(fmnist_model, x, y, attacks=("pgd20", "autoattack:apgd-ce"), eps=eps, seed=3,
-                                 batch_size=32, progress=False)
-    adversary = AutoAttack(logits_of(fmnist_model), attacks=["apgd-ce"], version="custom", eps=eps, norm="Linf",
-                           seed=3, device="cpu")
-    x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=32)
+    x, y, eps = *fmnist_test.tensors(range(24)), 8 / 255
+    attacks = ("pgd20", "autoattack:apgd-ce")
+    report = evaluate_robustness(fmnist_model, x, y, attacks=attacks, eps=eps, seed=3, batch_size=16, progress=False)
+    adversary = AutoAttack(logits_of(fmnist_model), attacks=["apgd-ce"], version="custom", eps=eps,
+                           norm="Linf", seed=3, device="cpu")
+    x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=16)
     with torch.no_grad():
-        direct = (logits_of(fmnist_model)(x_adv).argmax(1) == y).float().mean().item()
+        direct = (logits_of(fmnist_model)(x_adv).argmax(1) == y).double().mean().item()
     ours = report["autoattack:apgd-ce"]
-    assert ours.accuracy == (y_adv == y).float().mean().item() == direct
+    assert ours.accuracy == (y_adv == y).double().mean().item() == direct
     assert torch.equal(ours.predictions, y_adv)
+    assert ours.extra["robust_accuracy_after"] == {"apgd-ce": ours.accuracy}
+    assert 16 < int(report["clean"].robust.sum())  # so the attacked examples span two batches
     # PGD already breaks examples here, and AutoAttack is at least as strong.
     assert report["pgd20"].accuracy < report["clean"].accuracy
     assert ours.accuracy <= report["pgd20"].accuracy
@@ -105,12 +111,13 @@ def test_autoattack_accuracy_equals_pyautoattack(fmnist_model, fmnist_test):
 def test_standard_autoattack_on_a_few_images(fmnist_model, fmnist_test):
     from pyautoattack import AutoAttack
 
-    x, y = fmnist_test.tensors(range(0, 40, 4))
-    report = evaluate_robustness(fmnist_model, x, y, attacks=("pgd20", "autoattack"), eps=EPS, batch_size=16,
+    x, y = fmnist_test.tensors(range(0, 36, 3))  # 12 examples in batches of 8: survivors are regrouped
+    report = evaluate_robustness(fmnist_model, x, y, attacks=("pgd20", "autoattack"), eps=EPS, batch_size=8,
                                  progress=False)
     adversary = AutoAttack(logits_of(fmnist_model), eps=EPS, norm="Linf", seed=0, device="cpu")
-    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=16)
-    assert report["autoattack"].accuracy == (y_adv == y).float().mean().item()
+    _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=8)
+    assert torch.equal(report["autoattack"].predictions, y_adv)
+    assert report["autoattack"].accuracy == (y_adv == y).double().mean().item()
     assert report["autoattack"].accuracy <= report["pgd20"].accuracy
     assert report["autoattack"].config["attacks"] == ["apgd-ce", "apgd-t", "fab-t", "square"]
 
@@ -178,29 +185,32 @@ def _progress_files(directory):
 
 def test_interrupted_evaluation_resumes_exactly(fmnist_model, fmnist_test, tmp_path):
     x, y = fmnist_test.tensors(range(32))
-    attacks = ("pgd10", AutoAttackConfig("custom", ("apgd-ce",), n_iter=5))
+    attacks = ("pgd10", AutoAttackConfig("custom", ("apgd-ce", "apgd-dlr"), n_iter=4))
     kwargs = dict(attacks=attacks, eps=EPS, batch_size=8, seed=1, class_names=fmnist_test.class_names, progress=False)
     full_model = CountingModel(fmnist_model)
-    full = evaluate_robustness(full_model, x, y, **kwargs)
+    full = evaluate_robustness(full_model, x, y, resume_dir=tmp_path / "reference", **kwargs)
+    assert full.to_dict() == evaluate_robustness(fmnist_model, x, y, **kwargs).to_dict()
+    total = len(_progress_files(tmp_path / "reference"))
 
+    progress = tmp_path / "progress"
     flaky = CountingModel(fmnist_model, fail_after=full_model.calls // 2)
     with pytest.raises(RuntimeError, match="simulated interruption"):
-        evaluate_robustness(flaky, x, y, resume_dir=tmp_path, **kwargs)
-    saved = _progress_files(tmp_path)
-    assert 4 < len(saved) < 12  # clean finished (4 batches), the attacks did not
+        evaluate_robustness(flaky, x, y, resume_dir=progress, **kwargs)
+    saved = len(_progress_files(progress))
+    assert 4 < saved < total  # the clean pass (4 batches) finished, the attacks did not
 
     resumed_model = CountingModel(fmnist_model)
-    resumed = evaluate_robustness(resumed_model, x, y, resume_dir=tmp_path, **kwargs)
+    resumed = evaluate_robustness(resumed_model, x, y, resume_dir=progress, **kwargs)
     assert resumed.to_dict() == full.to_dict()
-    assert len(_progress_files(tmp_path)) == 12  # 3 passes x 4 batches, nothing written twice
+    assert len(_progress_files(progress)) == total  # each batch was written once
     assert resumed_model.calls < full_model.calls - flaky.fail_after // 2
 
     again = CountingModel(fmnist_model)
-    assert evaluate_robustness(again, x, y, resume_dir=tmp_path, **kwargs).to_dict() == full.to_dict()
+    assert evaluate_robustness(again, x, y, resume_dir=progress, **kwargs).to_dict() == full.to_dict()
     assert again.calls == 1  # only the probe that reads the number of classes
-    # Other settings never reuse these results.
-    other = evaluate_robustness(CountingModel(fmnist_model), x, y, resume_dir=tmp_path, **{**kwargs, "seed": 2})
-    assert len(_progress_files(tmp_path)) == 12 + 8 and other.num_examples == 32  # the clean pass is reused
+    # Other settings never reuse these results, except the clean pass, which does not depend on the seed.
+    evaluate_robustness(CountingModel(fmnist_model), x, y, resume_dir=progress, **{**kwargs, "seed": 2})
+    assert total < len(_progress_files(progress)) <= 2 * total - 4
 
 
 def test_damaged_progress_files_are_recomputed(fmnist_model, fmnist_test, tmp_path):
