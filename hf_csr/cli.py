@@ -8,6 +8,7 @@ import sys
 from typing import List, Optional
 
 from .hub.commands import add_hub_commands
+from .evaluation.command import add_evaluate_parser
 
 __all__ = ["main"]
 
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("overrides", nargs=argparse.REMAINDER, help="CSRTrainingArguments/ExperimentArguments flags")
     quick.set_defaults(func=_quickstart)
     add_hub_commands(sub)
+    add_evaluate_parser(sub)
     return parser
 
 

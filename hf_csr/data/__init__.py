@@ -10,8 +10,10 @@ from .fashion_mnist import (
     fashion_mnist_dir,
     load_fashion_mnist,
 )
+from .sources import BUILTIN_DATASETS, load_image_dataset, stratified_subset
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
@@ -24,5 +26,7 @@ __all__ = [
     "check_labels_in_range",
     "fashion_mnist_dir",
     "load_fashion_mnist",
+    "load_image_dataset",
+    "stratified_subset",
     "to_unit_float",
 ]

@@ -1,0 +1,172 @@
+"""``hf-csr evaluate``: class-wise robust evaluation of a checkpoint, written to an output directory."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Tuple
+
+__all__ = ["add_evaluate_parser", "run_evaluate"]
+
+logger = logging.getLogger(__name__)
+
+INPUT_CONVENTION = """\
+input convention: images are fed to the model as float pixel values in [0, 1] (uint8 / 255), without
+normalisation; the model normalises them itself (hf_csr's RobustImageClassifier does, with the mean/std of
+its config), so --eps is in pixel units as in AutoAttack and RobustBench. A model that expects normalised
+inputs cannot be detected and would be evaluated wrongly. Pixel values outside [0, 1] are an error.
+
+outputs (in --output-dir): results.json, results.md (the table, also printed), confusion_matrix.png
+(the robust confusion matrix of the headline attack, paper Fig. 3), classwise_accuracy.png and, with
+--train-dataset, train_test_scatter.png (paper Fig. 2).
+
+example:
+  hf-csr evaluate --model ./my-checkpoint --dataset fashion_mnist --split test --limit 1000 \\
+      --attacks clean,pgd20,cw20,autoattack --norm Linf --eps 8/255 --output-dir eval/
+"""
+
+
+def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="clean, PGD-20, CW-20 and AutoAttack accuracy of a checkpoint, class by class",
+        description="Evaluate an image classifier clean and under attacks, reporting average and per-class "
+        "accuracy, the worst class and the robust confusion matrix with its norms.",
+        epilog=INPUT_CONVENTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--model", required=True, help="a Hub model id or a local save_pretrained directory")
+    parser.add_argument("--dataset", required=True,
+                        help="fashion_mnist, a .npz file (image/label arrays), a .parquet file, a local datasets "
+                        "folder (imagefolder, save_to_disk) or a Hub dataset id such as uoft-cs/cifar10")
+    parser.add_argument("--split", default="test", help="dataset split (default: test)")
+    parser.add_argument("--image-column", default=None, help="image column (default: auto-detected)")
+    parser.add_argument("--label-column", default=None, help="label column (default: auto-detected)")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="evaluate a class-stratified random subset of N examples")
+    parser.add_argument("--attacks", default="clean,pgd20,cw20,autoattack",
+                        help="comma-separated: clean, pgd<steps>, cw<steps>, autoattack, autoattack:<a>+<b> "
+                        "(components apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square); default: %(default)s")
+    parser.add_argument("--norm", choices=["Linf", "L2"], default=None,
+                        help="threat model (default: the model config's threat_model, else Linf)")
+    parser.add_argument("--eps", default=None,
+                        help="budget in pixel units, e.g. 8/255 (default: the model config's, else 8/255 for Linf, "
+                        "0.5 for L2)")
+    parser.add_argument("--autoattack-version", choices=["standard", "rand"], default="standard",
+                        help="the version run by 'autoattack' (rand: for randomised defences, reported as "
+                        "autoattack-rand)")
+    parser.add_argument("--batch-size", type=int, default=128, help="examples per batch (AutoAttack runs per batch)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts and of --limit's subsets")
+    parser.add_argument("--output-dir", default="robustness_eval",
+                        help="where to write the results (default: %(default)s)")
+    parser.add_argument("--train-dataset", default=None,
+                        help="also evaluate this training set (same forms as --dataset) for the train-vs-test "
+                        "class-wise agreement of paper Fig. 2")
+    parser.add_argument("--train-split", default="train", help="split of --train-dataset (default: train)")
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="subset size for the training set (default: --limit)")
+    parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run the model under autocast")
+    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: cuda if available)")
+    parser.add_argument("--resume-dir", default=None,
+                        help="keep per-attack, per-batch progress here; rerun the same command to resume")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(func=run_evaluate)
+    return parser
+
+
+def _writable_dir(path: str) -> Path:
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(f"--output-dir {directory} is not a writable directory: {error}") from error
+    return directory
+
+
+def _load_model(name_or_dir: str, device):
+    from transformers import AutoModelForImageClassification
+
+    from ..models import RobustImageClassifier
+
+    try:
+        model = AutoModelForImageClassification.from_pretrained(name_or_dir)
+    except OSError as error:
+        raise ValueError(f"--model {name_or_dir!r}: cannot load a checkpoint ({error})") from error
+    if not isinstance(model, RobustImageClassifier):
+        logger.warning(
+            "%s is a %s, not an hf_csr RobustImageClassifier: make sure it takes [0, 1] pixel values and "
+            "normalises them itself, otherwise the numbers are wrong.", name_or_dir, type(model).__name__,
+        )
+    return model.to(device).eval()
+
+
+def _threat_model(model, norm: Optional[str], eps: Optional[str]) -> Tuple[str, float]:
+    from ..utils import parse_pixel_value
+
+    config = getattr(getattr(model, "config", None), "threat_model", None) or {}
+    norm = norm or config.get("norm", "Linf")
+    if eps is not None:
+        return norm, parse_pixel_value(eps, name="--eps")
+    if config.get("norm") == norm and "eps" in config:
+        return norm, float(config["eps"])
+    return norm, 8 / 255 if norm == "Linf" else 0.5
+
+
+def run_evaluate(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data import load_image_dataset
+    from .robustness import evaluate_robustness
+    from .specs import parse_attacks
+
+    # Everything that can be checked is checked before the (long) evaluation starts.
+    output_dir = _writable_dir(args.output_dir)
+    for name in ("limit", "train_limit", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
+    attacks = parse_attacks(args.attacks, args.autoattack_version)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model = _load_model(args.model, device)
+    norm, eps = _threat_model(model, args.norm, args.eps)
+    config = getattr(model, "config", None)
+    id2label = getattr(config, "id2label", None) or {}
+    model_names = [id2label[i] for i in sorted(id2label)] or None
+
+    def load(name: str, split: str, limit: Optional[int]):
+        dataset = load_image_dataset(
+            name, split, image_column=args.image_column, label_column=args.label_column, limit=limit,
+            seed=args.seed, class_names=model_names, num_channels=getattr(config, "num_channels", None),
+        )
+        if model_names and list(dataset.class_names) != model_names and len(dataset.class_names) == len(model_names):
+            logger.warning("the dataset's class names %s differ from the model's %s: check that the label order "
+                           "matches.", dataset.class_names, model_names)
+        return dataset
+
+    sets = {"test": (args.dataset, args.split, args.limit)}
+    if args.train_dataset:
+        train_limit = args.limit if args.train_limit is None else args.train_limit
+        sets["train"] = (args.train_dataset, args.train_split, train_limit)
+    loaded = {part: load(*source) for part, source in sets.items()}
+    reports = {}
+    for part, dataset in loaded.items():
+        reports[part] = evaluate_robustness(
+            model, dataset, attacks=attacks, norm=norm, eps=eps, batch_size=args.batch_size, seed=args.seed,
+            device=device, autocast_dtype=args.autocast, autoattack_version=args.autoattack_version,
+            progress=not args.no_progress, resume_dir=None if args.resume_dir is None else Path(args.resume_dir) / part,
+        )
+        name, split, limit = sets[part]
+        reports[part].metadata.update(dataset=name, split=split, limit=limit)
+    report = reports["test"]
+    report.metadata = {"model": args.model, **report.metadata}
+    if "train" in reports:
+        report.compare_with_train(reports["train"])
+    paths = report.save(output_dir)
+    logger.info("wrote %s", ", ".join(str(p) for p in paths))
+    sys.stdout.write(report.markdown_table() + "\n")
+    return 0

@@ -1,0 +1,1 @@
+"""The ``classwise_agreement`` evaluate module (``classwise_agreement.py``) and its metric card."""

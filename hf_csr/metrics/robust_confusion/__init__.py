@@ -1,0 +1,1 @@
+"""The ``robust_confusion`` evaluate module (``robust_confusion.py``) and its metric card."""

@@ -1,0 +1,131 @@
+"""`hf-csr evaluate` on a saved checkpoint, the figures, and the train-vs-test agreement."""
+
+import json
+import runpy
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_csr.cli import main
+from hf_csr.data import load_fashion_mnist
+from hf_csr.evaluation import classwise_agreement, evaluate_robustness
+from hf_csr.evaluation.plots import PLOT_FILES, plot_train_test_scatter, save_plots
+
+from .conftest import EPS
+
+SCHEMA = {"num_examples", "class_names", "threat_model", "seed", "attacks", "flags"}
+ATTACK_KEYS = {"accuracy", "per_class_accuracy", "class_counts", "worst_class", "std", "best_worst_gap",
+               "confusion_matrix", "spectral_norm", "l1_norm", "nu"}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(fmnist_model, tmp_path_factory):
+    path = tmp_path_factory.mktemp("checkpoint")
+    fmnist_model.save_pretrained(path)
+    return path
+
+
+def _png_size(path):
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(path) as image:
+        return image.size
+
+
+def test_command_on_a_saved_checkpoint(checkpoint, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(checkpoint), "--dataset", "fashion_mnist", "--split", "test", "--limit", "20",
+            "--attacks", "clean,pgd10,cw10", "--eps", "4/255", "--train-dataset", "fashion_mnist",
+            "--train-limit", "20", "--batch-size", "8", "--output-dir", str(out), "--no-progress"]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert SCHEMA <= set(results) and results["num_examples"] == 20
+    assert results["threat_model"] == {"norm": "Linf", "eps": 4 / 255}
+    assert set(results["attacks"]) == {"clean", "pgd10", "cw10", "worst_of_all"}
+    assert all(ATTACK_KEYS <= set(entry) for entry in results["attacks"].values())
+    assert results["model"] == str(checkpoint) and results["dataset"] == "fashion_mnist" and results["split"] == "test"
+    agreement = results["train_test_agreement"]
+    assert agreement["train_num_examples"] == 20 and set(agreement["attacks"]) == set(results["attacks"])
+    assert {"kendall_tau", "covariance", "train_per_class_accuracy"} <= set(agreement["attacks"]["pgd10"])
+    table = (out / "results.md").read_text()
+    assert printed == table and "| pgd10 |" in table and "| Shirt |" in table
+    for name in PLOT_FILES.values():
+        width, height = _png_size(out / name)
+        assert width > 400 and height > 300
+
+
+def test_command_defaults_to_the_checkpoints_threat_model_and_resumes(checkpoint, tmp_path, capsys):
+    out, progress = tmp_path / "eval", tmp_path / "progress"
+    argv = ["evaluate", "--model", str(checkpoint), "--dataset", "fashion_mnist", "--limit", "10", "--attacks", "pgd5",
+            "--output-dir", str(out), "--resume-dir", str(progress), "--no-progress"]
+    assert main(argv) == 0
+    first = json.loads((out / "results.json").read_text())
+    assert first["threat_model"] == {"norm": "Linf", "eps": 8 / 255}  # the config's threat_model
+    saved = sorted(progress.rglob("*.pt"))
+    assert saved and main(argv) == 0
+    assert json.loads((out / "results.json").read_text()) == first and sorted(progress.rglob("*.pt")) == saved
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--attacks", "clean,fgsm"], "unknown attack 'fgsm'"),
+        (["--eps", "eight"], "--eps must be a number or a fraction"),
+        (["--limit", "0"], "--limit must be a positive integer"),
+        (["--dataset", "/nonexistent/data.npz"], "no npz file at /nonexistent/data.npz"),
+    ],
+)
+def test_command_errors_are_clear(checkpoint, tmp_path, capsys, extra, message):
+    argv = ["evaluate", "--model", str(checkpoint), "--dataset", "fashion_mnist", "--output-dir", str(tmp_path),
+            "--no-progress", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_command_rejects_a_missing_model_and_an_unwritable_output_dir(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", str(tmp_path / "missing"), "--dataset", "fashion_mnist", "--output-dir",
+              str(tmp_path / "out")])
+    assert "--model" in capsys.readouterr().err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--model", "m", "--dataset", "fashion_mnist", "--output-dir", str(blocker / "out")])
+    assert "is not a writable directory" in capsys.readouterr().err
+
+
+def test_help_states_the_input_convention(capsys):
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = capsys.readouterr().out
+    assert "[0, 1]" in text and "normalises them itself" in text and "--train-dataset" in text
+
+
+def test_recipe_is_a_thin_wrapper(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["evaluate_robustness.py", "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path("recipes/evaluate_robustness.py", run_name="__main__")
+    assert "input convention" in capsys.readouterr().out
+
+
+def test_train_test_agreement_and_plots(fmnist_model, fmnist_test, tmp_path):
+    train = load_fashion_mnist("train", limit=40, seed=5)
+    test_report = evaluate_robustness(fmnist_model, fmnist_test, attacks="pgd10", eps=EPS, progress=False)
+    train_report = evaluate_robustness(fmnist_model, train, attacks="pgd10", eps=EPS, progress=False)
+    with pytest.raises(ValueError, match="call report.compare_with_train"):
+        plot_train_test_scatter(test_report)
+    agreement = test_report.compare_with_train(train_report)["attacks"]["pgd10"]
+    expected = classwise_agreement(train_report["pgd10"].per_class_accuracy, test_report["pgd10"].per_class_accuracy)
+    assert agreement["kendall_tau"] == expected["kendall_tau"] and agreement["covariance"] == expected["covariance"]
+    stats = pytest.importorskip("scipy.stats")
+    tau = stats.kendalltau(train_report["pgd10"].per_class_accuracy, test_report["pgd10"].per_class_accuracy).statistic
+    assert agreement["kendall_tau"] == pytest.approx(tau)
+    assert agreement["covariance"] == pytest.approx(
+        np.cov(train_report["pgd10"].per_class_accuracy, test_report["pgd10"].per_class_accuracy)[0, 1])
+    paths = save_plots(test_report, tmp_path)
+    assert [p.name for p in paths] == list(PLOT_FILES.values())
+    assert test_report.headline == "pgd10"
