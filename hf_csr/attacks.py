@@ -12,7 +12,7 @@ module) are restored afterwards; BatchNorm behaviour during the attack is chosen
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -95,7 +95,21 @@ def _per_example_norm(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
-def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> torch.Tensor:
+def _as_budget(value: Union[float, torch.Tensor], name: str, x: torch.Tensor) -> Union[float, torch.Tensor]:
+    """A scalar budget, or a per-example one (shape (N,)) broadcast over the image dimensions."""
+    if isinstance(value, torch.Tensor):
+        if value.shape != (x.shape[0],):
+            raise ValueError(f"a per-example {name} must have shape (N,) = ({x.shape[0]},); got {tuple(value.shape)}.")
+        if not bool((value > 0).all()):
+            raise ValueError(f"{name} must be > 0 for every example.")
+        return value.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.dim() - 1)))
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0; got {value}.")
+    return value
+
+
+def _project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
     if norm == "Linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
     else:
@@ -109,7 +123,7 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
 def random_init(
     shape: torch.Size,
     *,
-    eps: float,
+    eps: Union[float, torch.Tensor],
     norm: str = "Linf",
     random_start: str = "uniform",
     init_std: float = 0.001,
@@ -148,8 +162,8 @@ def pgd_attack(
     x: torch.Tensor,
     y: torch.Tensor,
     *,
-    eps: float,
-    step_size: float,
+    eps: Union[float, torch.Tensor],
+    step_size: Union[float, torch.Tensor],
     steps: int,
     norm: str = "Linf",
     loss: str = "ce",
@@ -168,7 +182,8 @@ def pgd_attack(
         model: maps images in [0, 1] to logits (a tensor, ``ModelOutput`` or tuple).
         x: clean images (N, C, H, W) in [0, 1].
         y: labels (N,).
-        eps, step_size, steps: the budget (pixel units), the step and the number of steps.
+        eps, step_size, steps: the budget (pixel units), the step and the number of steps; ``eps`` and
+            ``step_size`` may be per-example tensors of shape (N,) (class-wise budgets, e.g. CFA, FRL).
         norm: ``"Linf"`` (signed gradient steps) or ``"L2"`` (normalised gradient steps).
         loss: ``"ce"``, ``"kl"`` (TRADES; the target is ``softmax(natural_logits)``, computed once in
             attack mode when not given) or ``"cw"`` (margin).
@@ -189,10 +204,8 @@ def pgd_attack(
     check_choice("loss", loss, ATTACK_LOSSES)
     check_choice("random_start", random_start, RANDOM_STARTS)
     check_choice("bn_mode", bn_mode, BN_MODES)
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0; got {eps}.")
-    if not step_size > 0:
-        raise ValueError(f"step_size must be > 0; got {step_size}.")
+    eps = _as_budget(eps, "eps", x)
+    step_size = _as_budget(step_size, "step_size", x)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer; got {steps!r}.")
     if validate:

@@ -17,14 +17,14 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
+from .evaluation.specs import parse_attacks
 from .regularizer import CONFUSION_SOURCES, VARIANTS
 from .utils import parse_pixel_value
 
-__all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "FAIRNESS_METHODS", "EVAL_ATTACKS"]
+__all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "FAIRNESS_METHODS"]
 
 BASE_LOSSES = ("pgd", "trades")
 FAIRNESS_METHODS = ("none", "csr")
-EVAL_ATTACKS = ("clean", "pgd20", "cw20", "autoattack")
 
 
 class PixelValue(float):
@@ -94,9 +94,9 @@ class CSRTrainingArguments(TrainingArguments):
     # ------------------------------------------------------------------ evaluation
     eval_attacks: str = field(
         default="clean,pgd20",
-        metadata={"help": f"Comma-separated attacks for trainer.evaluate(): {', '.join(EVAL_ATTACKS)}."},
+        metadata={"help": "Comma-separated attacks for trainer.evaluate(): clean, pgd<steps> (pgd20), cw<steps> "
+                          "(cw20), autoattack or autoattack:<components> (hf_csr.evaluation.specs)."},
     )
-    eval_attack_steps: int = field(default=20, metadata={"help": "Steps of the evaluation PGD/CW attacks."})
     eval_max_examples: Optional[int] = field(
         default=None, metadata={"help": "Evaluate on this many examples of the eval set (class-balanced); None = all."}
     )
@@ -156,10 +156,8 @@ class CSRTrainingArguments(TrainingArguments):
                 f"attack_step_size ({self.attack_step_size:.4g}) must not exceed attack_eps ({self.attack_eps:.4g}); "
                 "the paper uses eps/4."
             )
-        for name in ("attack_steps", "eval_attack_steps"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if not isinstance(self.attack_steps, int) or self.attack_steps < 1:
+            raise ValueError(f"attack_steps must be a positive integer; got {self.attack_steps!r}.")
         if not math.isfinite(self.csr_alpha) or self.csr_alpha < 0:
             raise ValueError(f"csr_alpha must be >= 0; got {self.csr_alpha}.")
         if self.csr_variant == "reference" and self.csr_alpha > 1:
@@ -179,9 +177,9 @@ class CSRTrainingArguments(TrainingArguments):
             raise ValueError(f"awp_gamma must be >= 0 (0 disables AWP); got {self.awp_gamma}.")
         if self.awp_warmup < 0:
             raise ValueError(f"awp_warmup must be >= 0; got {self.awp_warmup}.")
-        unknown = [a for a in self.eval_attack_list if a not in EVAL_ATTACKS]
-        if unknown or not self.eval_attack_list:
-            raise ValueError(f"eval_attacks must be a comma-separated subset of {list(EVAL_ATTACKS)}; got {self.eval_attacks!r}.")
+        if not self.eval_attack_list:
+            raise ValueError(f"eval_attacks must name at least one attack (e.g. 'clean,pgd20'); got {self.eval_attacks!r}.")
+        parse_attacks(self.eval_attacks)  # names the unknown attack and the allowed forms
         if self.eval_max_examples is not None and self.eval_max_examples < 1:
             raise ValueError(f"eval_max_examples must be positive or None; got {self.eval_max_examples}.")
         if self.crop_padding < 0:

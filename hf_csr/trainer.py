@@ -41,6 +41,7 @@ from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
 from .configuration import CSRTrainingArguments
 from .data import RobustImageCollator, augment_batch
 from .data.core import check_labels_in_range
+from .fairness import FAIRNESS_REGISTRY, FairnessMethod
 from .regularizer import BatchStatistics, ConfusionEstimator, csr_penalty
 from .utils import as_logits, check_pixel_values, inputs_prevalidated
 
@@ -98,14 +99,22 @@ class _CSRCallback(TrainerCallback):
     def __init__(self, trainer: "CSRTrainer") -> None:
         self.trainer = trainer
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.trainer.fairness is not None:
+            self.trainer.fairness.on_train_begin()
+
     def on_epoch_begin(self, args, state, control, **kwargs):
         self.trainer._maybe_run_confusion_pass()
+        if self.trainer.fairness is not None:
+            self.trainer.fairness.on_epoch_begin(int(math.floor((state.epoch or 0.0) + 1e-9)))
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._micro_step = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._restore_awp()
+        if self.trainer.fairness is not None:
+            self.trainer.fairness.on_optimizer_step()
 
 
 class CSRTrainer(Trainer):
@@ -163,6 +172,7 @@ class CSRTrainer(Trainer):
             self.num_classes, variant=args.csr_variant, gamma=args.csr_gamma, source=source,
             momentum=args.csr_ema_momentum, reduce_fn=self._sum_across_processes,
         )
+        self.fairness = self._create_fairness_method()
         self._awp_params = perturbable_parameters(model) if args.awp_gamma > 0 else []
         self._awp_delta = None
         self._micro_step = 0
@@ -182,6 +192,14 @@ class CSRTrainer(Trainer):
             raise ValueError("cannot tell the number of classes: pass num_classes= or a model with config.num_labels >= 2.")
         return num_classes
 
+    def _create_fairness_method(self) -> Optional[FairnessMethod]:
+        name = self.args.fairness_method
+        if name in ("none", "csr"):
+            return None
+        if name not in FAIRNESS_REGISTRY:
+            raise ValueError(f"fairness_method {name!r} is not registered; known: {sorted(FAIRNESS_REGISTRY)}.")
+        return FAIRNESS_REGISTRY[name](self)
+
     @property
     def class_names(self) -> List[str]:
         config = getattr(self.model, "config", None)
@@ -199,34 +217,48 @@ class CSRTrainer(Trainer):
         return self.accelerator.reduce(tensor, reduction="mean")
 
     def _step_generator(self, purpose: str, device: torch.device) -> torch.Generator:
-        """A generator keyed by (seed, purpose, step, micro-step): the randomness of a training step does
+        """A generator keyed by (seed, purpose, optimizer step): the randomness of a training step does
         not depend on the global RNG, so a resumed run draws exactly what the uninterrupted run drew."""
         generator = torch.Generator(device=device)
-        generator.manual_seed(_derived_seed(self.args.seed, purpose, self.state.global_step, self._micro_step))
+        generator.manual_seed(_derived_seed(self.args.seed, purpose, self.state.global_step))
         return generator
+
+    def _slice_of_step(self, n: int):
+        """(examples drawn for the whole optimizer step, offset of this micro-batch on this process).
+
+        The step's examples are all processes' micro-batches of all accumulation rounds; drawing the
+        randomness for all of them and slicing makes a run independent of how its global batch is
+        split across processes and accumulation rounds."""
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        rounds = max(int(getattr(self, "current_gradient_accumulation_steps", 1) or 1), self._micro_step + 1)
+        return n * world * rounds, (self._micro_step * world + rank) * n
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         """Random crop + flip (``args.augment``), drawn for the whole global batch, this process's rows."""
         args = self.args
         if not args.augment:
             return x
-        world, rank, n = self.accelerator.num_processes, self.accelerator.process_index, x.shape[0]
+        total, offset = self._slice_of_step(x.shape[0])
         return augment_batch(
             x, args.crop_padding, args.horizontal_flip, generator=self._step_generator("augment", x.device),
-            global_size=n * world, offset=rank * n,
+            global_size=total, offset=offset,
         )
 
-    def _attack_noise(self, x: torch.Tensor) -> torch.Tensor:
-        """PGD's random start for this micro-batch: drawn for the whole global batch, then this process's
-        slice, so that data-parallel runs attack exactly as a single run would."""
+    def _attack_noise(self, x: torch.Tensor, eps) -> torch.Tensor:
+        """PGD's random start for this micro-batch: drawn for the whole optimizer step (for a unit budget,
+        then scaled by the -- possibly per-example -- eps) and sliced, so that data-parallel and
+        accumulated runs attack exactly as a single large-batch run would."""
         args = self.args
-        world, rank, n = self.accelerator.num_processes, self.accelerator.process_index, x.shape[0]
+        n = x.shape[0]
+        total, offset = self._slice_of_step(n)
         generator = self._step_generator("attack", x.device)
         noise = random_init(
-            (n * world,) + tuple(x.shape[1:]), eps=args.attack_eps, norm=args.attack_norm,
+            (total,) + tuple(x.shape[1:]), eps=1.0, norm=args.attack_norm,
             random_start=args.random_start, generator=generator, device=x.device, dtype=x.dtype,
-        )
-        return noise[rank * n : (rank + 1) * n]
+        )[offset : offset + n]
+        if args.random_start == "gaussian":
+            return noise  # TRADES' start does not scale with eps
+        return noise * (eps.view(-1, *([1] * (x.dim() - 1))) if isinstance(eps, torch.Tensor) else eps)
 
     def _attack(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, **overrides) -> torch.Tensor:
         args = self.args
@@ -249,12 +281,16 @@ class CSRTrainer(Trainer):
         check_labels_in_range(y, self.num_classes, what="training batch")
         raw = self.accelerator.unwrap_model(model)
         x = self._augment(x)
-        x_adv = self._attack(raw, x, y, noise=self._attack_noise(x))
+        eps = self.fairness.attack_budget(y) if self.fairness is not None else None
+        if eps is None:
+            eps = float(args.attack_eps)
+        step_size = eps * (float(args.attack_step_size) / float(args.attack_eps))
+        x_adv = self._attack(raw, x, y, eps=eps, step_size=step_size, noise=self._attack_noise(x, eps))
         self._maybe_perturb_weights(raw, x, x_adv, y)
         with inputs_prevalidated():
             logits_adv = as_logits(model(pixel_values=x_adv))
             logits_nat = as_logits(model(pixel_values=x)) if args.base_loss == "trades" else None
-        ce_term, robust_term = self._base_terms(logits_nat, logits_adv, y)
+        ce_term, robust_term = self._base_terms(logits_nat, logits_adv, y, weighted=True)
         base = ce_term + robust_term
         stats = self.confusion.update(logits_adv, y, validate=False)
         psi = None
@@ -276,15 +312,28 @@ class CSRTrainer(Trainer):
         self._micro_step += 1
         return (loss, {"logits": logits_adv}) if return_outputs else loss
 
-    def _base_terms(self, logits_nat, logits_adv, y):
-        """(cross-entropy part, the rest) of the base loss; ``reference`` scales the first by (1 - alpha)."""
+    def _base_terms(self, logits_nat, logits_adv, y, weighted: bool = False):
+        """(cross-entropy part, the rest) of the base loss, as means of per-example terms; with
+        ``weighted``, a fairness method may reweight the examples and change TRADES' beta per example.
+        ``reference`` CSR scales the first part by (1 - alpha)."""
         if self.args.base_loss == "pgd":
-            return F.cross_entropy(logits_adv.float(), y), logits_adv.new_zeros((), dtype=torch.float32)
-        ce = F.cross_entropy(logits_nat.float(), y)
-        kl = F.kl_div(
-            F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1), reduction="batchmean"
-        )
-        return ce, self.args.trades_beta * kl
+            ce = F.cross_entropy(logits_adv.float(), y, reduction="none")
+            robust = None
+        else:
+            ce = F.cross_entropy(logits_nat.float(), y, reduction="none")
+            kl = F.kl_div(
+                F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1), reduction="none"
+            ).sum(dim=1)
+            beta = self.fairness.trades_beta(y) if (weighted and self.fairness is not None) else None
+            robust = (self.args.trades_beta if beta is None else beta) * kl
+        weights = None
+        if weighted and self.fairness is not None:
+            total = ce.detach() if robust is None else (ce + robust).detach()
+            weights = self.fairness.example_weights(y, total)
+        if weights is not None:
+            ce = weights * ce
+            robust = None if robust is None else weights * robust
+        return ce.mean(), (ce.new_zeros(()) if robust is None else robust.mean())
 
     # ------------------------------------------------------------------ AWP
     def _awp_active(self) -> bool:
@@ -375,6 +424,8 @@ class CSRTrainer(Trainer):
             logs["adv_worst_class_accuracy"] = round(float(per_class.min()), 6)
         if self.args.fairness_method == "csr":
             logs["csr_spectral_norm"] = round(self.confusion.normalized_spectral_norm(), 6)
+        if self.fairness is not None:
+            logs.update(self.fairness.log_metrics())
         self._reset_metrics()
         return logs
 
@@ -415,10 +466,21 @@ class CSRTrainer(Trainer):
 
     # ------------------------------------------------------------------ checkpoints
     def csr_state_dict(self) -> Dict[str, Any]:
-        return {"confusion": self.confusion.state_dict()}
+        state: Dict[str, Any] = {"confusion": self.confusion.state_dict()}
+        if self.fairness is not None:
+            state["fairness"] = {"name": self.fairness.name, "state": self.fairness.state_dict()}
+        return state
 
     def load_csr_state_dict(self, state: Dict[str, Any]) -> None:
         self.confusion.load_state_dict(state["confusion"])
+        if self.fairness is not None:
+            saved = state.get("fairness") or {}
+            if saved.get("name") != self.fairness.name:
+                raise ValueError(
+                    f"the checkpoint was trained with fairness_method {saved.get('name')!r}, not "
+                    f"{self.fairness.name!r}; resume with the same method."
+                )
+            self.fairness.load_state_dict(saved["state"])
 
     def _get_output_dir(self, trial) -> str:
         if self._staging_root is not None:
@@ -495,9 +557,11 @@ class CSRTrainer(Trainer):
         ignore_keys: Optional[List[str]] = None,
         metric_key_prefix: str = "eval",
     ) -> Dict[str, float]:
-        """Clean and adversarial accuracy per class, average and worst class (``args.eval_attacks``)."""
-        from .evaluation import evaluate_robustness  # local import: evaluation pulls in AutoAttack
+        """Clean and adversarial accuracy per class, average and worst class (``args.eval_attacks``).
 
+        Runs :func:`hf_csr.evaluation.evaluate_robustness` on the main process (the others wait) and
+        logs ``{prefix}_{attack}_accuracy``, ``_worst_class_accuracy``, ``_spectral_norm`` and
+        ``{prefix}_{attack}_class/{name}``; the full report is kept as ``trainer.last_evaluation``."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to CSRTrainer or to evaluate()).")
@@ -506,43 +570,87 @@ class CSRTrainer(Trainer):
             for name, subset in dataset.items():
                 metrics.update(self.evaluate(subset, ignore_keys, f"{metric_key_prefix}_{name}"))
             return metrics
-        args = self.args
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        metrics = {}
-        if self.is_world_process_zero():
-            images, labels = self._evaluation_tensors(dataset)
-            report = evaluate_robustness(
-                model, images, labels, attacks=args.eval_attack_list, norm=args.attack_norm, eps=float(args.attack_eps),
-                batch_size=args.per_device_eval_batch_size, seed=args.seed, class_names=self.class_names,
-                device=args.device, progress=not args.disable_tqdm, steps=args.eval_attack_steps,
-            )
-            self.last_evaluation = report
-            metrics = _flatten_report(report.to_dict(), metric_key_prefix)
+        report = self.robustness_report(dataset, self.args.eval_attacks, limit=self.args.eval_max_examples)
+        metrics = _flatten_report(report.to_dict(), metric_key_prefix) if report is not None else {}
         metrics = self._broadcast(metrics)
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-    def _evaluation_tensors(self, dataset: Dataset):
-        limit = self.args.eval_max_examples
-        if hasattr(dataset, "tensors"):
-            indices = None
-            if limit is not None and limit < len(dataset):
+    def robustness_report(self, dataset: Dataset, attacks, *, limit: Optional[int] = None, batch_size: Optional[int] = None):
+        """The class-wise robustness report of the current model on ``dataset`` (main process; None elsewhere)."""
+        from .evaluation import evaluate_robustness  # local import: evaluation pulls in AutoAttack
+
+        report = None
+        if self.is_world_process_zero():
+            args = self.args
+            images, labels = dataset, None
+            if limit is not None and limit < len(dataset) and hasattr(dataset, "subset"):
                 from .data import balanced_subset
 
-                labels = getattr(dataset, "labels", None)
-                indices = balanced_subset(labels.numpy(), limit, self.args.seed) if labels is not None else range(limit)
-            return dataset.tensors(indices)
-        items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
-        batch = RobustImageCollator(augment=False)(items)
-        return batch["pixel_values"], batch["labels"]
+                images = dataset.subset(balanced_subset(dataset.labels.numpy(), limit, args.seed))
+            elif not hasattr(dataset, "tensors"):
+                items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
+                batch = RobustImageCollator(augment=False)(items)
+                images, labels = batch["pixel_values"], batch["labels"]
+            model = self.accelerator.unwrap_model(self.model_wrapped)
+            was_training = model.training
+            report = evaluate_robustness(
+                model, images, labels, attacks=attacks, norm=args.attack_norm,
+                eps=float(args.attack_eps), batch_size=batch_size or args.per_device_eval_batch_size, seed=args.seed,
+                class_names=self.class_names, device=args.device, progress=not args.disable_tqdm,
+            )
+            model.train(was_training)
+            self.last_evaluation = report
+        self.accelerator.wait_for_everyone()
+        return report
 
-    def _broadcast(self, metrics: Dict[str, float]) -> Dict[str, float]:
+    def evaluate_and_report(
+        self,
+        eval_dataset: Optional[Dataset] = None,
+        *,
+        attacks="clean,pgd20,cw20,autoattack",
+        batch_size: Optional[int] = None,
+        output_dir: Optional[str] = None,
+        training: Optional[Dict[str, Any]] = None,
+        dataset_name: Optional[str] = None,
+    ) -> Dict[str, Any]:
+        """Final evaluation: ``results.json``, ``results.md``, the plots and the model card (README.md)
+        in ``output_dir`` (default ``args.output_dir``); returns the results dict on every process."""
+        from .hub import write_model_card
+
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        output_dir = output_dir or self.args.output_dir
+        report = self.robustness_report(dataset, attacks, batch_size=batch_size)
+        results: Dict[str, Any] = {}
+        if report is not None:
+            report.save(output_dir)
+            results = report.to_dict()
+            write_model_card(output_dir, results, training=training, dataset_name=dataset_name)
+            logger.info("evaluation of %s:\n%s", output_dir, report.markdown_table(per_class=False))
+        self.accelerator.wait_for_everyone()
+        return self._broadcast(results)
+
+    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True, **kwargs):
+        """Upload ``args.output_dir`` (safetensors weights, config, card, results.json, plots) to
+        ``args.hub_model_id`` with :func:`hf_csr.hub.push_checkpoint`; the card is (re)written first."""
+        from .hub import push_checkpoint, write_model_card
+
+        if not self.is_world_process_zero():
+            return None
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        write_model_card(self.args.output_dir, repo_id=repo_id)
+        return push_checkpoint(
+            self.args.output_dir, repo_id, token=self.args.hub_token, private=self.args.hub_private_repo,
+            commit_message=commit_message, revision=kwargs.get("revision", self.args.hub_revision),
+        )
+
+    def _broadcast(self, value):
         if self.accelerator.num_processes == 1:
-            return metrics
+            return value
         from accelerate.utils import broadcast_object_list
 
-        box = [metrics]
+        box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
 

@@ -33,7 +33,7 @@ def make_args(tmp_path, **overrides):
 
 def train(tmp_path, model=None, dataset=None, callbacks=None, resume=None, **overrides):
     torch.manual_seed(0)
-    model = model if model is not None else fmnist_model()
+    model = fmnist_model(model) if isinstance(model, str) else (model if model is not None else fmnist_model())
     trainer = CSRTrainer(model=model, args=make_args(tmp_path, **overrides),
                          train_dataset=dataset if dataset is not None else fmnist(limit=64), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
@@ -100,7 +100,7 @@ def test_one_step_matches_a_hand_written_update(tmp_path, base_loss):
     order = list(iter(trainer.get_train_dataloader().batch_sampler))[0]
     x, y = x[order], y[order]
     trainer.state.global_step, trainer._micro_step = 0, 0
-    noise = trainer._attack_noise(x)
+    noise = trainer._attack_noise(x, 8 / 255)
     trainer.train()
     loss_name = "kl" if base_loss == "trades" else "ce"
     x_adv = pgd_attack(reference, x, y, eps=8 / 255, step_size=2 / 255, steps=2, loss=loss_name, noise=noise)
@@ -169,9 +169,9 @@ def test_two_processes_equal_one_process(tmp_path, extra):
 
 
 def test_gradient_accumulation_equals_the_large_batch(tmp_path):
-    common = dict(fairness_method="csr", csr_alpha=0.0, augment=False, save_strategy="no", max_steps=2)
-    big = train(tmp_path / "big", model=fmnist_model("test_tiny_convnet"), per_device_train_batch_size=32, **common)
-    accumulated = train(tmp_path / "acc", model=fmnist_model("test_tiny_convnet"), per_device_train_batch_size=16,
+    common = dict(fairness_method="csr", csr_alpha=0.0, save_strategy="no", max_steps=2)
+    big = train(tmp_path / "big", model="test_tiny_convnet", per_device_train_batch_size=32, **common)
+    accumulated = train(tmp_path / "acc", model="test_tiny_convnet", per_device_train_batch_size=16,
                         gradient_accumulation_steps=2, **common)
     assert_same_weights(weights(big), weights(accumulated), atol=1e-5)
 
@@ -179,7 +179,7 @@ def test_gradient_accumulation_equals_the_large_batch(tmp_path):
 @pytest.mark.parametrize("source", ["ema", "batch"])
 def test_confusion_sources_update_per_micro_batch(tmp_path, source):
     """Documented behaviour: under accumulation, `ema`/`batch` fold in every micro-batch's counts."""
-    trainer = train(tmp_path, model=fmnist_model("test_tiny_convnet"), per_device_train_batch_size=16,
+    trainer = train(tmp_path, model="test_tiny_convnet", per_device_train_batch_size=16,
                     gradient_accumulation_steps=2, max_steps=2, csr_confusion_source=source, save_strategy="no")
     assert trainer.confusion.num_updates == 4
     if source == "batch":
