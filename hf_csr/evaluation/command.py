@@ -73,6 +73,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--resume-dir", default=None,
                         help="keep per-attack, per-batch progress here; rerun the same command to resume")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.add_argument("--no-card", action="store_true",
+                        help="do not write the model card (README.md) into --output-dir; by default the card is "
+                             "written, and refreshed at every evaluation when --output-dir is the model directory")
     parser.set_defaults(func=run_evaluate)
     return parser
 
@@ -115,6 +118,26 @@ def _threat_model(model, norm: Optional[str], eps: Optional[str]) -> Tuple[str, 
     if config.get("norm") == norm and "eps" in config:
         return norm, float(config["eps"])
     return norm, 8 / 255 if norm == "Linf" else 0.5
+
+
+def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
+    """The class-wise model card of the evaluated model, in ``output_dir/README.md``.
+
+    The training set-up and base model come from the model directory's ``card.json`` (written with its card at
+    the end of training or conversion) when ``model`` is a local directory; a Hub id becomes the card's repo id.
+    """
+    from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, _read_json, write_model_card
+
+    kwargs = {}
+    model_dir = Path(model)
+    if model_dir.is_dir():
+        if model_dir.resolve() != output_dir.resolve() and (model_dir / CARD_METADATA).is_file():
+            saved = _read_json(model_dir / CARD_METADATA)
+            kwargs = {key: saved[key] for key in CARD_METADATA_KEYS if saved.get(key) is not None}
+    elif model.count("/") == 1:
+        kwargs["repo_id"] = model
+    config_dict = config.to_dict() if hasattr(config, "to_dict") else None
+    return write_model_card(output_dir, results, config=config_dict, **kwargs)
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
@@ -167,6 +190,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if "train" in reports:
         report.compare_with_train(reports["train"])
     paths = report.save(output_dir)
+    if not args.no_card:
+        paths.append(_write_card(args.model, output_dir, report.to_dict(), config))
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     sys.stdout.write(report.markdown_table() + "\n")
     return 0

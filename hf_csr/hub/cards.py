@@ -277,6 +277,12 @@ def render_model_card(
     )
 
 
+#: File next to README.md that keeps the card's inputs other than results, config and plots.
+CARD_METADATA = "card.json"
+CARD_METADATA_KEYS = ("repo_id", "base_model", "training", "dataset", "dataset_name", "dataset_id", "license",
+                      "model_name")
+
+
 def write_model_card(
     output_dir: Union[str, os.PathLike],
     results: Optional[Mapping[str, Any]] = None,
@@ -287,11 +293,21 @@ def write_model_card(
     """Render the card of the checkpoint in ``output_dir`` and write it to ``output_dir/README.md`` (atomically).
 
     ``results`` defaults to ``output_dir/results.json``, the config to ``output_dir/config.json`` and the
-    plots to the PNGs under ``output_dir``; other arguments as for :func:`render_model_card`.
+    plots to the PNGs under ``output_dir``; other arguments as for :func:`render_model_card`. The card's other
+    inputs (``training``, ``base_model``, ``repo_id``, data names, ...) are kept in ``output_dir/card.json`` and
+    reused when a later call leaves them out, so a card refreshed after a new evaluation or before a push keeps
+    the training set-up.
     """
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         raise FileNotFoundError(f"{str(output_dir)!r} is not a directory.")
+    # What the caller said about the checkpoint (training set-up, base model, repo id, data) is kept in
+    # card.json, so that a card re-rendered later (by `hf-csr evaluate`, `push`, `card`) keeps it.
+    saved = _read_json(output_dir / CARD_METADATA) if (output_dir / CARD_METADATA).is_file() else {}
+    for key in CARD_METADATA_KEYS:
+        if kwargs.get(key) is None and saved.get(key) is not None:
+            kwargs[key] = saved[key]
+    metadata = {key: kwargs[key] for key in CARD_METADATA_KEYS if kwargs.get(key) is not None}
     if results is None and (output_dir / "results.json").is_file():
         results = _read_json(output_dir / "results.json")
     if kwargs.get("config") is None and (output_dir / "config.json").is_file():
@@ -301,6 +317,8 @@ def write_model_card(
     card = render_model_card(results, plots=plots, **kwargs)
     path = output_dir / "README.md"
     atomic_write_text(path, str(card))
+    if metadata != saved:
+        atomic_write_text(output_dir / CARD_METADATA, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     return path
 
 

@@ -129,3 +129,35 @@ def test_train_test_agreement_and_plots(fmnist_model, fmnist_test, tmp_path):
     paths = save_plots(test_report, tmp_path)
     assert [p.name for p in paths] == list(PLOT_FILES.values())
     assert test_report.headline == "pgd10"
+
+
+def test_command_writes_the_card_and_refreshes_it_keeping_the_training_set_up(fmnist_model, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from hf_csr.hub import write_model_card
+
+    model_dir = tmp_path / "model"
+    fmnist_model.save_pretrained(model_dir)
+    training = {"base_loss": "trades", "csr_alpha": 0.3, "csr_gamma": 0.1}
+    write_model_card(model_dir, training=training, base_model="someone/robust-base")
+    base = ["evaluate", "--model", str(model_dir), "--dataset", "fashion_mnist", "--limit", "10",
+            "--batch-size", "10", "--no-progress"]
+    # into another directory: a card with the new numbers and the model's training set-up
+    out = tmp_path / "eval"
+    assert main(base + ["--attacks", "clean,pgd5", "--output-dir", str(out)]) == 0
+    card = ModelCard.load(out / "README.md")
+    results = json.loads((out / "results.json").read_text())
+    assert "trades" in card.text and "someone/robust-base" in card.content
+    assert f'{100 * results["attacks"]["pgd5"]["accuracy"]:.2f}' in card.text
+    # into the model directory itself: the card is refreshed at each evaluation, set-up kept
+    assert main(base + ["--attacks", "clean", "--output-dir", str(model_dir)]) == 0
+    first = (model_dir / "README.md").read_text()
+    assert "trades" in first and "pgd5" not in first
+    assert main(base + ["--attacks", "clean,pgd5", "--output-dir", str(model_dir)]) == 0
+    refreshed = (model_dir / "README.md").read_text()
+    assert "pgd5" in refreshed and "trades" in refreshed
+    # --no-card leaves no card
+    bare = tmp_path / "bare"
+    assert main(base + ["--attacks", "clean", "--output-dir", str(bare), "--no-card"]) == 0
+    assert not (bare / "README.md").exists()
+    capsys.readouterr()
