@@ -127,6 +127,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             self.connection.shutdown(2)
             return True
+        # Read the request body first, as a real server does: a body left unread on a kept-alive connection would
+        # be parsed as the next request and break the client's retry (a flaky "Server disconnected").
+        self._body()
         self._error(int(how), "InjectedFailure", f"injected failure on {route}")
         return True
 
