@@ -105,6 +105,18 @@ def _load_model(name_or_dir: str, device):
     return model.to(device).eval()
 
 
+def _check_eps(text: str, norm: Optional[str]) -> float:
+    """--eps is checked before the model is loaded (a typo must not cost a download)."""
+    from ..utils import parse_pixel_value
+
+    eps = parse_pixel_value(text, name="--eps")
+    if not eps > 0 or eps != eps or eps == float("inf"):
+        raise ValueError(f"--eps must be a finite budget > 0 in pixel units (e.g. 8/255 for Linf, 0.5 for L2); got {text!r}.")
+    if norm == "Linf" and eps > 1:
+        raise ValueError(f"--eps {text!r} exceeds 1 for Linf on [0, 1] images; use pixel units such as 8/255.")
+    return eps
+
+
 def _threat_model(model, norm: Optional[str], eps: Optional[str]) -> Tuple[str, float]:
     from ..utils import parse_pixel_value
 
@@ -131,6 +143,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
     attacks = parse_attacks(args.attacks, args.autoattack_version)
+    if args.eps is not None:
+        _check_eps(args.eps, args.norm)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(args.model, device)
     norm, eps = _threat_model(model, args.norm, args.eps)
