@@ -8,7 +8,9 @@ PLAN is ``none`` or ``<where>:<step>``:
 * ``after_save:K``  right after ``checkpoint-K`` is in place;
 * ``mid_state:K``   while ``csr_state.pt`` of checkpoint K is half written (model, optimizer already staged);
 * ``mid_weights:K`` while ``model.safetensors`` of checkpoint K is half written;
-* ``mid_final:0``   while the final ``model.safetensors`` in the output directory is half written.
+* ``mid_final:0``   while the final ``model.safetensors`` in the output directory is half written;
+* ``eval_after:N``  (``-- evaluate ...``: an ``hf-csr evaluate`` run) right after its N-th progress file;
+* ``eval_mid:N``    half-way through writing its N-th progress file.
 
 Every finished optimizer step is announced on stdout as ``hf_csr-step N`` (the test's external, random
 kills key on it). The process kills *itself* with SIGKILL: no handler, no ``finally``, no flush runs.
@@ -86,6 +88,31 @@ def install(plan: str) -> None:
             die()
         return original_safe_save(tensors, filename, *args, **kwargs)
 
+    if where.startswith("eval_"):
+        from hf_csr.evaluation import robustness
+        from hf_csr.utils import atomic_save
+
+        saved = {"count": 0}
+
+        def store_save(self, key, payload):
+            saved["count"] += 1
+            if where == "eval_mid" and saved["count"] == step:
+                import io
+                import tempfile
+
+                buffer = io.BytesIO()
+                original_save(payload, buffer)
+                path = self._path(key)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # what atomic_save leaves when killed mid-write: a partial temporary file, never the final name
+                _, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+                half_write(tmp, buffer.getvalue())
+                die()
+            atomic_save(payload, self._path(key))
+            if where == "eval_after" and saved["count"] == step:
+                die()
+
+        robustness._ProgressStore.save = store_save
     torch.save = save
     transformers.modeling_utils.safe_save_file = safe_save
     callback = KillAt(where, step)
@@ -105,6 +132,10 @@ def main() -> int:
     rest = rest[1:] if rest[:1] == ["--"] else rest
     torch.use_deterministic_algorithms(True)
     install(known.kill)
+    if rest[:1] == ["evaluate"]:
+        from hf_csr.cli import main as cli_main
+
+        return cli_main(rest)
     return hf_csr.experiment.main(argv=rest)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Optional, Tuple
 __all__ = ["add_evaluate_parser", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
+
+#: Where ``hf-csr evaluate`` keeps its per-batch progress by default (inside ``--output-dir``).
+PROGRESS_DIR = ".progress"
 
 INPUT_CONVENTION = """\
 input convention: images are fed to the model as float pixel values in [0, 1] (uint8 / 255), without
@@ -71,7 +75,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run the model under autocast")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     parser.add_argument("--resume-dir", default=None,
-                        help="keep per-attack, per-batch progress here; rerun the same command to resume")
+                        help="keep per-attack, per-batch progress here; rerun the same command to resume "
+                        "(default: <output-dir>/.progress, removed once the evaluation has finished)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="keep no progress: an interrupted evaluation starts again from the beginning")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(func=run_evaluate)
     return parser
@@ -138,6 +145,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     # Everything that can be checked is checked before the (long) evaluation starts.
     output_dir = _writable_dir(args.output_dir)
+    if getattr(args, "no_resume", False) and args.resume_dir is not None:
+        raise ValueError("--no-resume and --resume-dir exclude each other; pass one of them.")
     for name in ("limit", "train_limit", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
@@ -167,12 +176,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         train_limit = args.limit if args.train_limit is None else args.train_limit
         sets["train"] = (args.train_dataset, args.train_split, train_limit)
     loaded = {part: load(*source) for part, source in sets.items()}
+    # Per-attack, per-batch progress: an interrupted run (pre-emption, kill) resumes where it stopped when
+    # the same command is run again; finished batches are reloaded, not recomputed.
+    progress = None if getattr(args, "no_resume", False) else Path(args.resume_dir) if args.resume_dir else output_dir / PROGRESS_DIR
     reports = {}
     for part, dataset in loaded.items():
         reports[part] = evaluate_robustness(
             model, dataset, attacks=attacks, norm=norm, eps=eps, batch_size=args.batch_size, seed=args.seed,
             device=device, autocast_dtype=args.autocast, autoattack_version=args.autoattack_version,
-            progress=not args.no_progress, resume_dir=None if args.resume_dir is None else Path(args.resume_dir) / part,
+            progress=not args.no_progress, resume_dir=None if progress is None else progress / part,
         )
         name, split, limit = sets[part]
         reports[part].metadata.update(dataset=name, split=split, limit=limit)
@@ -181,6 +193,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if "train" in reports:
         report.compare_with_train(reports["train"])
     paths = report.save(output_dir)
+    if progress is not None and args.resume_dir is None:
+        shutil.rmtree(progress, ignore_errors=True)  # the default progress folder has served its purpose
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     sys.stdout.write(report.markdown_table() + "\n")
     return 0
