@@ -109,6 +109,33 @@ def _as_budget(value: Union[float, torch.Tensor], name: str, x: torch.Tensor) ->
     return value
 
 
+def _check_step_within_budget(step_size, eps) -> None:
+    """A step larger than the budget only bounces between the ball's faces: almost always a unit mix-up."""
+    if isinstance(step_size, torch.Tensor) or isinstance(eps, torch.Tensor):
+        too_big = bool(torch.as_tensor(step_size > eps * (1 + 1e-6)).any())
+    else:
+        too_big = step_size > eps * (1 + 1e-6)
+    if too_big:
+        raise ValueError(
+            f"step_size must not exceed eps (allowed: 0 < step_size <= eps; the paper uses eps/4); got step_size "
+            f"{_describe(step_size)} > eps {_describe(eps)}."
+        )
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"up to {float(value.max()):.4g}"
+    return f"{value:.4g}"
+
+
+def _check_labels(y: torch.Tensor, num_classes: int) -> None:
+    if y.numel() and (bool((y < 0).any()) or bool((y >= num_classes).any())):
+        raise ValueError(
+            f"y (labels) must lie in [0, {num_classes}) for a model with {num_classes} classes; got values in "
+            f"[{int(y.min())}, {int(y.max())}]."
+        )
+
+
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
     if norm == "Linf":
         x_adv = torch.minimum(torch.maximum(x_adv, x - eps), x + eps)
@@ -206,6 +233,7 @@ def pgd_attack(
     check_choice("bn_mode", bn_mode, BN_MODES)
     eps = _as_budget(eps, "eps", x)
     step_size = _as_budget(step_size, "step_size", x)
+    _check_step_within_budget(step_size, eps)
     if not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer; got {steps!r}.")
     if validate:
@@ -232,11 +260,17 @@ def pgd_attack(
         elif noise.shape != x.shape:
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}; got {tuple(noise.shape)}.")
         x_adv = _project(x + noise.to(device=x.device, dtype=x.dtype), x, eps, norm)
-        for _ in range(steps):
+        for step in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
-                objective = attack_loss(as_logits(model(x_adv)), y, loss, target_probs)
+                logits = as_logits(model(x_adv))
+                if validate and step == 0:
+                    _check_labels(y, logits.shape[-1])
+                objective = attack_loss(logits, y, loss, target_probs)
                 (grad,) = torch.autograd.grad(objective * loss_scale, [x_adv])
+            # A non-finite loss (overflowing logits, fp16) must not turn the images into NaN: such
+            # gradient entries are treated as zero (no move along them this step).
+            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
             x_adv = x_adv.detach()
             if norm == "Linf":
                 x_adv = x_adv + step_size * grad.sign()

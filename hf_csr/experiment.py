@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import timm
 import torch
 import yaml
-from transformers import AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
 
 from .configuration import CSRTrainingArguments
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
@@ -236,6 +236,9 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict[str, Any]:
     """Train, save, evaluate (results.json, plots, table), write the card, push if asked."""
+    # Seed before the model exists: a from-scratch backbone's initial weights come from the global RNG,
+    # and the same seed must give the same run (the Trainer only seeds once the model is built).
+    set_seed(training.seed)
     train_dataset, eval_dataset = load_datasets(experiment, training)
     model = build_model(experiment, training, train_dataset)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
@@ -243,7 +246,9 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     if resume in ("true", "True", "last"):
         from transformers.trainer_utils import get_last_checkpoint
 
-        resume = get_last_checkpoint(training.output_dir)
+        # A run killed before its first checkpoint simply starts again.
+        resume = get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
+        logger.info("resuming from %s", resume or "the start (no complete checkpoint yet)")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
     results = trainer.evaluate_and_report(

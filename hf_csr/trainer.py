@@ -529,7 +529,15 @@ class CSRTrainer(Trainer):
                 f"{resume_from_checkpoint} has no {CSR_STATE_NAME}: it was not written by CSRTrainer (or is "
                 "incomplete), so the confusion estimate cannot be restored. Resume from a CSRTrainer checkpoint."
             )
-        self.load_csr_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # refused pickle (code in it), truncated or corrupted file
+            raise ValueError(
+                f"cannot load {path}: torch.load(weights_only=True) rejected it ({type(error).__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). It is truncated, corrupted or holds more than "
+                "tensors and plain containers; resume from another checkpoint."
+            ) from error
+        self.load_csr_state_dict(state)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Save the final model atomically: into a staging folder first, then file by file with

@@ -16,6 +16,8 @@ Images are decoded once into one uint8 array, so this suits evaluation sets and 
 from __future__ import annotations
 
 import logging
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Optional, Sequence, Tuple, Union
 
@@ -62,10 +64,13 @@ def _names_for(labels: np.ndarray, class_names: Optional[Sequence[str]]) -> list
 
 def _load_npz(path: Path, image_key: Optional[str], label_key: Optional[str], class_names, limit, seed):
     image_key, label_key = image_key or "image", label_key or "label"
+    # A truncated or damaged archive fails in np.load (not a zip) or while an array is read (bad CRC,
+    # short data): either way the error names the file. Pickled (object) arrays are never loaded.
+    unreadable = (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error)
     try:
         archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as error:
-        raise ValueError(f"cannot read the npz file {path}: {error}") from error
+    except unreadable as error:
+        raise ValueError(f"cannot read the npz file {path}: {error} (the file is truncated or corrupted, or not an npz)") from error
     with archive:
         missing = [key for key in (image_key, label_key) if key not in archive.files]
         if missing:
@@ -73,7 +78,10 @@ def _load_npz(path: Path, image_key: Optional[str], label_key: Optional[str], cl
                 f"{path} has no {missing} array(s); it holds {archive.files}. Pass image_column/label_column "
                 "to name the image and label arrays."
             )
-        images, labels = archive[image_key], archive[label_key].reshape(-1)
+        try:
+            images, labels = archive[image_key], archive[label_key].reshape(-1)
+        except unreadable as error:
+            raise ValueError(f"cannot read the npz file {path}: {error} (the file is truncated or corrupted)") from error
     if len(images) != len(labels):
         raise ValueError(f"{path}: {len(images)} images but {len(labels)} labels; the two must have the same length.")
     if images.dtype != np.uint8 or images.ndim not in (3, 4):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -12,6 +13,9 @@ from typing import Optional, Tuple
 __all__ = ["add_evaluate_parser", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
+
+#: Where ``hf-csr evaluate`` keeps its per-batch progress by default (inside ``--output-dir``).
+PROGRESS_DIR = ".progress"
 
 INPUT_CONVENTION = """\
 input convention: images are fed to the model as float pixel values in [0, 1] (uint8 / 255), without
@@ -71,7 +75,10 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run the model under autocast")
     parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: cuda if available)")
     parser.add_argument("--resume-dir", default=None,
-                        help="keep per-attack, per-batch progress here; rerun the same command to resume")
+                        help="keep per-attack, per-batch progress here; rerun the same command to resume "
+                        "(default: <output-dir>/.progress, removed once the evaluation has finished)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="keep no progress: an interrupted evaluation starts again from the beginning")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.add_argument("--no-card", action="store_true",
                         help="do not write the model card (README.md) into --output-dir; by default the card is "
@@ -106,6 +113,18 @@ def _load_model(name_or_dir: str, device):
             "normalises them itself, otherwise the numbers are wrong.", name_or_dir, type(model).__name__,
         )
     return model.to(device).eval()
+
+
+def _check_eps(text: str, norm: Optional[str]) -> float:
+    """--eps is checked before the model is loaded (a typo must not cost a download)."""
+    from ..utils import parse_pixel_value
+
+    eps = parse_pixel_value(text, name="--eps")
+    if not eps > 0 or eps != eps or eps == float("inf"):
+        raise ValueError(f"--eps must be a finite budget > 0 in pixel units (e.g. 8/255 for Linf, 0.5 for L2); got {text!r}.")
+    if norm == "Linf" and eps > 1:
+        raise ValueError(f"--eps {text!r} exceeds 1 for Linf on [0, 1] images; use pixel units such as 8/255.")
+    return eps
 
 
 def _threat_model(model, norm: Optional[str], eps: Optional[str]) -> Tuple[str, float]:
@@ -149,11 +168,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     # Everything that can be checked is checked before the (long) evaluation starts.
     output_dir = _writable_dir(args.output_dir)
+    if getattr(args, "no_resume", False) and args.resume_dir is not None:
+        raise ValueError("--no-resume and --resume-dir exclude each other; pass one of them.")
     for name in ("limit", "train_limit", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
     attacks = parse_attacks(args.attacks, args.autoattack_version)
+    if args.eps is not None:
+        _check_eps(args.eps, args.norm)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(args.model, device)
     norm, eps = _threat_model(model, args.norm, args.eps)
@@ -176,12 +199,15 @@ def run_evaluate(args: argparse.Namespace) -> int:
         train_limit = args.limit if args.train_limit is None else args.train_limit
         sets["train"] = (args.train_dataset, args.train_split, train_limit)
     loaded = {part: load(*source) for part, source in sets.items()}
+    # Per-attack, per-batch progress: an interrupted run (pre-emption, kill) resumes where it stopped when
+    # the same command is run again; finished batches are reloaded, not recomputed.
+    progress = None if getattr(args, "no_resume", False) else Path(args.resume_dir) if args.resume_dir else output_dir / PROGRESS_DIR
     reports = {}
     for part, dataset in loaded.items():
         reports[part] = evaluate_robustness(
             model, dataset, attacks=attacks, norm=norm, eps=eps, batch_size=args.batch_size, seed=args.seed,
             device=device, autocast_dtype=args.autocast, autoattack_version=args.autoattack_version,
-            progress=not args.no_progress, resume_dir=None if args.resume_dir is None else Path(args.resume_dir) / part,
+            progress=not args.no_progress, resume_dir=None if progress is None else progress / part,
         )
         name, split, limit = sets[part]
         reports[part].metadata.update(dataset=name, split=split, limit=limit)
@@ -192,6 +218,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     paths = report.save(output_dir)
     if not args.no_card:
         paths.append(_write_card(args.model, output_dir, report.to_dict(), config))
+    if progress is not None and args.resume_dir is None:
+        shutil.rmtree(progress, ignore_errors=True)  # the default progress folder has served its purpose
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
     sys.stdout.write(report.markdown_table() + "\n")
     return 0

@@ -228,17 +228,21 @@ class _Evaluation:
         attack and everything else its result depends on) are all the same.
         """
         settings = {**settings, "autocast": str(self.dtype), "model": self.model_key}
-        payloads = []
+        payloads, reloaded = [], 0
         for index, indices in enumerate(tqdm(chunks, desc=label, unit="batch", disable=not self.progress)):
             x, y = self.images.take(indices), self.images.labels[indices]
             key = _digest(settings, index, x, y) if self.store else None
             payload = self.store.load(key) if self.store else None
+            reloaded += payload is not None
             if payload is None:
                 with self.autocast():
                     payload = compute(index, x.to(self.device), y.to(self.device), indices)
                 if self.store:
                     self.store.save(key, payload)
             payloads.append(payload)
+        if self.store:
+            logger.info("%s: %d of %d batches reloaded from %s, %d computed", label, reloaded, len(chunks),
+                        self.store.directory, len(chunks) - reloaded)
         return payloads
 
     def settings(self, attack: AttackConfig, **extra: Any) -> Dict[str, Any]:

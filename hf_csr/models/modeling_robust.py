@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import difflib
 import math
+import os
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
+from safetensors import SafetensorError
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
@@ -156,6 +158,21 @@ class RobustImageClassifier(PreTrainedModel):
                 self.image_std.copy_(torch.tensor(self.config.image_std).view_as(self.image_std))
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """``PreTrainedModel.from_pretrained``; a truncated or corrupted safetensors file is reported as a
+        ``ValueError`` naming the file (safetensors' own error does not say which file it read)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except SafetensorError as error:
+            source = str(pretrained_model_name_or_path)
+            files = sorted(f for f in os.listdir(source) if f.endswith(".safetensors")) if os.path.isdir(source) else []
+            where = ", ".join(os.path.join(source, f) for f in files) or f"the safetensors weights of {source!r}"
+            raise ValueError(
+                f"cannot load {where}: the file is truncated or corrupted ({error}). Re-download or re-save the "
+                "checkpoint; nothing was loaded from it."
+            ) from error
 
     @property
     def num_labels(self) -> int:
