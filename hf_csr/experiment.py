@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import timm
 import torch
 import yaml
-from transformers import AutoModelForImageClassification, HfArgumentParser
+from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
 
 from .configuration import CSRTrainingArguments
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
@@ -236,6 +236,7 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict[str, Any]:
     """Train, save, evaluate (results.json, plots, table), write the card, push if asked."""
+    set_seed(training.seed)  # the model's random initialisation is part of the run: same --seed, same model
     train_dataset, eval_dataset = load_datasets(experiment, training)
     model = build_model(experiment, training, train_dataset)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
