@@ -120,6 +120,11 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tens
     return x_adv.clamp(0.0, 1.0)
 
 
+def _linf_box(x: torch.Tensor, eps) -> tuple:
+    """Bounds of {z : |z - x|_inf <= eps} intersected with [0, 1] (x in [0, 1], so low <= high)."""
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+
+
 def random_init(
     shape: torch.Size,
     *,
@@ -231,16 +236,25 @@ def pgd_attack(
             )
         elif noise.shape != x.shape:
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}; got {tuple(noise.shape)}.")
-        x_adv = _project(x + noise.to(device=x.device, dtype=x.dtype), x, eps, norm)
+        if norm == "Linf":
+            # The Linf ball intersected with [0, 1] is a box: its bounds are computed once, and each
+            # projection is then one clamp (equal, element by element, to _project's min/max/clamp).
+            low, high = _linf_box(x, eps)
+            project = lambda z: torch.clamp(z, low, high)  # noqa: E731
+        else:
+            project = lambda z: _project(z, x, eps, norm)  # noqa: E731
+        x_adv = project(x + noise.to(device=x.device, dtype=x.dtype))
         for _ in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
                 objective = attack_loss(as_logits(model(x_adv)), y, loss, target_probs)
-                (grad,) = torch.autograd.grad(objective * loss_scale, [x_adv])
+                if loss_scale != 1.0:
+                    objective = objective * loss_scale
+                (grad,) = torch.autograd.grad(objective, [x_adv])
             x_adv = x_adv.detach()
             if norm == "Linf":
                 x_adv = x_adv + step_size * grad.sign()
             else:
                 x_adv = x_adv + step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
-            x_adv = _project(x_adv, x, eps, norm)
+            x_adv = project(x_adv)
     return x_adv.detach()
