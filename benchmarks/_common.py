@@ -147,7 +147,8 @@ def synchronize(device: torch.device) -> None:
 
 def interleaved(fns: Dict[str, Callable[[], object]], *, warmup: int, repeats: int, device: torch.device,
                 progress: bool = True) -> Dict[str, List[float]]:
-    """Seconds per call of every function, measured in interleaved rounds after ``warmup`` calls each."""
+    """Seconds per call of every function, measured in interleaved rounds (order rotated every round)
+    after ``warmup`` calls each."""
     for name, fn in fns.items():
         for _ in range(warmup):
             fn()
@@ -155,8 +156,12 @@ def interleaved(fns: Dict[str, Callable[[], object]], *, warmup: int, repeats: i
         if progress:
             print(f"  warmed up {name}", flush=True)
     times: Dict[str, List[float]] = {name: [] for name in fns}
+    names = list(fns)
     for round_ in range(repeats):
-        for name, fn in fns.items():
+        # rotate the order every round: no variant always runs first (or right after a given other one)
+        shift = round_ % len(names)
+        for name in names[shift:] + names[:shift]:
+            fn = fns[name]
             synchronize(device)
             start = time.perf_counter()
             fn()

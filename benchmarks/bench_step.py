@@ -29,13 +29,14 @@ import torch
 from hf_csr import CSRTrainer, CSRTrainingArguments
 
 
-def make_trainer(args, base_loss: str, num_classes: int, method: str, source: str = "ema", pass_images: int = 0):
+def make_trainer(args, base_loss: str, num_classes: int, method: str, source: str = "ema", pass_images: int = 0,
+                 augment: bool = True):
     model = C.make_model(num_classes, args.width, args.device, args.channels_last)
     training = CSRTrainingArguments(
         output_dir=C.temp_dir(), base_loss=base_loss, fairness_method=method, csr_confusion_source=source,
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         use_cpu=args.device.type == "cpu", bf16=args.bf16, report_to="none", disable_tqdm=True,
-        save_strategy="no", logging_strategy="no", learning_rate=0.01, seed=0,
+        save_strategy="no", logging_strategy="no", learning_rate=0.01, seed=0, augment=augment,
     )
     # The training set must hold every class; the epoch source's pass runs over it.
     dataset = C.make_dataset(max(pass_images, num_classes), num_classes, seed=1)
