@@ -147,6 +147,11 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tens
     return x_adv.clamp(0.0, 1.0)
 
 
+def _linf_box(x: torch.Tensor, eps) -> tuple:
+    """Bounds of {z : |z - x|_inf <= eps} intersected with [0, 1] (x in [0, 1], so low <= high)."""
+    return (x - eps).clamp_(min=0.0), (x + eps).clamp_(max=1.0)
+
+
 def random_init(
     shape: torch.Size,
     *,
@@ -259,7 +264,14 @@ def pgd_attack(
             )
         elif noise.shape != x.shape:
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}; got {tuple(noise.shape)}.")
-        x_adv = _project(x + noise.to(device=x.device, dtype=x.dtype), x, eps, norm)
+        if norm == "Linf":
+            # The Linf ball intersected with [0, 1] is a box: its bounds are computed once, and each
+            # projection is then one clamp (equal, element by element, to _project's min/max/clamp).
+            low, high = _linf_box(x, eps)
+            project = lambda z: torch.clamp(z, low, high)  # noqa: E731
+        else:
+            project = lambda z: _project(z, x, eps, norm)  # noqa: E731
+        x_adv = project(x + noise.to(device=x.device, dtype=x.dtype))
         for step in range(steps):
             x_adv.requires_grad_(True)
             with torch.enable_grad():
@@ -267,7 +279,9 @@ def pgd_attack(
                 if validate and step == 0:
                     _check_labels(y, logits.shape[-1])
                 objective = attack_loss(logits, y, loss, target_probs)
-                (grad,) = torch.autograd.grad(objective * loss_scale, [x_adv])
+                if loss_scale != 1.0:
+                    objective = objective * loss_scale
+                (grad,) = torch.autograd.grad(objective, [x_adv])
             # A non-finite loss (overflowing logits, fp16) must not turn the images into NaN: such
             # gradient entries are treated as zero (no move along them this step).
             grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
@@ -276,5 +290,5 @@ def pgd_attack(
                 x_adv = x_adv + step_size * grad.sign()
             else:
                 x_adv = x_adv + step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
-            x_adv = _project(x_adv, x, eps, norm)
+            x_adv = project(x_adv)
     return x_adv.detach()
