@@ -59,6 +59,8 @@ class ReproductionSettings:
     attack_eps: float = 0.1  # the usual Linf budget on Fashion-MNIST
     attack_steps: int = 10
     eval_attacks: str = "autoattack"
+    aa_n_iter: Optional[int] = None  # reduced AutoAttack budgets for the smaller presets (None: AutoAttack's own)
+    aa_n_queries: Optional[int] = None
     fairness_val_size: int = 500
     seeds: Sequence[int] = (0, 1, 2)
     long_tail_ratio: float = 100.0
@@ -70,15 +72,15 @@ class ReproductionSettings:
 
 QUICK = ReproductionSettings(
     name="quick", train_examples=2000, eval_examples=300, epochs=4, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=3, eval_attacks="autoattack:apgd-ce+apgd-dlr", fairness_val_size=100,
+    num_blocks=(1, 1, 1, 1), attack_steps=3, aa_n_iter=10, aa_n_queries=200, fairness_val_size=100,
 )
 MEDIUM = ReproductionSettings(
     name="medium", train_examples=5000, eval_examples=500, epochs=8, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=5, eval_attacks="autoattack:apgd-ce+apgd-dlr", fairness_val_size=200,
+    num_blocks=(1, 1, 1, 1), attack_steps=5, aa_n_iter=25, aa_n_queries=1000, fairness_val_size=200,
 )
 DEFAULT = ReproductionSettings(
     name="default", train_examples=6000, eval_examples=500, epochs=10, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=5, eval_attacks="autoattack", fairness_val_size=300,
+    num_blocks=(1, 1, 1, 1), attack_steps=5, fairness_val_size=300,
 )
 SIZES = {"quick": QUICK, "medium": MEDIUM, "default": DEFAULT}
 
@@ -108,6 +110,7 @@ def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings
     from .configuration import CSRTrainingArguments
     from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
     from .evaluation import evaluate_robustness
+    from .evaluation.specs import AutoAttackConfig
     from .models import create_robust_classifier
     from .trainer import CSRTrainer
 
@@ -131,8 +134,11 @@ def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings
     trainer = CSRTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
     trained = time.time()
+    attacks = settings.eval_attacks
+    if attacks == "autoattack" and (settings.aa_n_iter or settings.aa_n_queries):
+        attacks = [AutoAttackConfig(version="standard", n_iter=settings.aa_n_iter, n_queries=settings.aa_n_queries)]
     report = evaluate_robustness(
-        trainer.accelerator.unwrap_model(trainer.model), test, attacks=settings.eval_attacks, norm="Linf",
+        trainer.accelerator.unwrap_model(trainer.model), test, attacks=attacks, norm="Linf",
         eps=settings.attack_eps, batch_size=256, seed=seed, device=args.device, progress=False,
     )
     results = report.to_dict()
