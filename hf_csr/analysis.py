@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -107,35 +108,46 @@ def nu_ratio(matrix) -> float:
     return l1 / spectral if spectral > 0 else float("nan")
 
 
-def random_confusion_matrices(count: int, num_classes: int = 10, seed: int = 0) -> torch.Tensor:
-    """``count`` random normalised confusion matrices (float64, (count, K, K)): for each true class ``j``
-    an error rate ``e_j ~ U(0, 1)`` spread over the other classes by a flat Dirichlet draw; zero diagonal."""
+NU_SCHEMES = ("uniform", "dirichlet")
+
+
+def random_confusion_matrices(count: int, num_classes: int = 10, seed: int = 0, scheme: str = "uniform") -> torch.Tensor:
+    """``count`` random confusion matrices (float64, (count, K, K)) with a zero diagonal.
+
+    The paper does not say how its 10^6 matrices were drawn (it reports max 1.16, mean 1.06 for K = 10);
+    two schemes are offered, and neither reproduces those figures (see README).
+    ``uniform``: i.i.d. U(0, 1) off-diagonal entries;
+    ``dirichlet``: normalised matrices -- for each true class ``j`` an error rate ``e_j ~ U(0, 1)`` spread
+    over the other classes by a flat Dirichlet draw (columns sum to at most 1)."""
+    if scheme not in NU_SCHEMES:
+        raise ValueError(f"scheme must be one of {list(NU_SCHEMES)}; got {scheme!r}.")
     g = torch.Generator().manual_seed(seed)
     k = num_classes
-    spread = -torch.log(torch.rand(count, k - 1, k, generator=g, dtype=torch.float64))  # Dirichlet(1) via exponentials
-    spread = spread / spread.sum(dim=1, keepdim=True)
-    errors = torch.rand(count, 1, k, generator=g, dtype=torch.float64)
-    off = spread * errors
+    if scheme == "uniform":
+        off = torch.rand(count, k - 1, k, generator=g, dtype=torch.float64)
+    else:
+        spread = -torch.log(torch.rand(count, k - 1, k, generator=g, dtype=torch.float64))  # Dirichlet(1) via exponentials
+        off = spread / spread.sum(dim=1, keepdim=True) * torch.rand(count, 1, k, generator=g, dtype=torch.float64)
     out = torch.zeros(count, k, k, dtype=torch.float64)
     rows = torch.arange(k)
-    for j in range(k):  # place column j's K-1 entries off the diagonal (K columns, not per example)
-        others = rows[rows != j]
-        out[:, others, j] = off[:, :, j]
+    for j in range(k):  # column j's K-1 entries go off the diagonal (a loop over classes, not examples)
+        out[:, rows[rows != j], j] = off[:, :, j]
     return out
 
 
 def nu_study(count: int = 100_000, num_classes: int = 10, seed: int = 0, model_matrices: Optional[Dict[str, Sequence]] = None,
-             batch: int = 10_000) -> Dict[str, object]:
+             batch: int = 10_000, scheme: str = "uniform") -> Dict[str, object]:
     """nu over ``count`` random confusion matrices (batched SVDs) and, optionally, named model matrices."""
     values = []
     for start in range(0, count, batch):
-        c = random_confusion_matrices(min(batch, count - start), num_classes, seed + start)
+        c = random_confusion_matrices(min(batch, count - start), num_classes, seed + start, scheme)
         l1 = c.sum(dim=1).amax(dim=1)
         spectral = torch.linalg.matrix_norm(c, ord=2)
         values.append(l1 / spectral)
     nu = torch.cat(values) if values else torch.empty(0, dtype=torch.float64)
     out: Dict[str, object] = {
-        "num_classes": num_classes, "count": int(nu.numel()), "seed": seed, "bound_sqrt_k": math.sqrt(num_classes),
+        "num_classes": num_classes, "count": int(nu.numel()), "seed": seed, "scheme": scheme,
+        "bound_sqrt_k": math.sqrt(num_classes),
         "random": {"max": float(nu.max()), "mean": float(nu.mean()), "min": float(nu.min()),
                    "quantiles": {str(q): float(torch.quantile(nu, q)) for q in (0.01, 0.5, 0.99)}} if nu.numel() else {},
         "random_values": nu,
@@ -325,3 +337,78 @@ def save_json_and_plot(output_dir, name: str, data: Dict[str, object], plot) -> 
     fig.savefig(png_path, dpi=120)
     plt.close(fig)
     return json_path, png_path
+
+
+# --------------------------------------------------------------------------- the recipes' runs
+def _fashion_mnist_tensors(train_examples: int, test_examples: int, long_tail_ratio: Optional[float] = None):
+    from .data import load_fashion_mnist
+
+    train = load_fashion_mnist("train", limit=train_examples, seed=0)
+    if long_tail_ratio:
+        train = train.subset(long_tail_indices(train.labels.numpy(), ratio=long_tail_ratio, seed=0))
+    test = load_fashion_mnist("test", limit=test_examples, seed=0)
+    return train.tensors(), test.tensors()
+
+
+def run_clean_fairness(output_dir, *, train_examples: int = 6000, test_examples: int = 2000, epochs: int = 5,
+                       width: int = 8, csr_alpha: float = 0.3, csr_gamma: float = 0.0, seed: int = 0,
+                       long_tail_ratio: Optional[float] = None) -> Dict[str, object]:
+    """Tables 7 (balanced) and 9 (``long_tail_ratio``): clean training without / with CSR on Fashion-MNIST;
+    accuracy by easy / medium / hard classes (thirds by the baseline's per-class test accuracy) or by
+    many / medium / few-shot classes (thirds by training count)."""
+    (x, y), (xt, yt) = _fashion_mnist_tensors(train_examples, test_examples, long_tail_ratio)
+    k = int(y.max()) + 1
+    results: Dict[str, object] = {"train_class_counts": torch.bincount(y, minlength=k).tolist(), "seed": seed,
+                                  "epochs": epochs, "csr_alpha": csr_alpha, "csr_gamma": csr_gamma,
+                                  "long_tail_ratio": long_tail_ratio, "methods": {}}
+    for name, alpha in (("baseline", 0.0), (f"CSR gamma={csr_gamma:g}", csr_alpha)):
+        model = clean_train(small_fashion_mnist_model(width, seed), x, y, epochs=epochs, csr_alpha=alpha,
+                            csr_gamma=csr_gamma, seed=seed)
+        total, per_class = accuracy(model, xt, yt, per_class=True, num_classes=k)
+        results["methods"][name] = {"accuracy": total, "per_class_accuracy": per_class}
+    baseline = results["methods"]["baseline"]["per_class_accuracy"]
+    groups = shot_groups(results["train_class_counts"]) if long_tail_ratio else difficulty_groups(baseline)
+    results["groups"] = groups
+    for entry in results["methods"].values():
+        entry["groups"] = group_accuracy(entry["per_class_accuracy"], groups)
+    return results
+
+
+def run_sharpness(output_dir, *, methods: Sequence[str] = ("PGD-AT", "TRADES", "CSR gamma=0.0 (TRADES)"),
+                  settings=None, seed: int = 0, examples: int = 500, num_samples: int = 50,
+                  scales: Sequence[str] = ("absolute", "magnitude")) -> Dict[str, object]:
+    """Table 8 on Fashion-MNIST: per method, the train - test PGD-20 accuracy gap, the worst test class
+    under PGD-20 and the sharpness estimate (on ``examples`` training images)."""
+    from .evaluation import evaluate_robustness
+    from .reproduction import QUICK, train_method
+
+    settings = settings or QUICK
+    out: Dict[str, object] = {"settings": settings.name, "seed": seed, "examples": examples, "methods": {}}
+    for method in methods:
+        trainer, train, test = train_method("fashion_mnist", method, seed, settings, os.path.join(output_dir, "runs"))
+        model = trainer.accelerator.unwrap_model(trainer.model).eval()
+        sub = train.subset(np.arange(min(examples, len(train))))
+        kw = dict(attacks="pgd20", norm="Linf", eps=settings.attack_eps, seed=seed, progress=False, device="cpu")
+        tr = evaluate_robustness(model, sub, **kw).to_dict()["attacks"]["pgd20"]
+        te = evaluate_robustness(model, test, **kw).to_dict()["attacks"]["pgd20"]
+        x, y = sub.tensors()
+        entry = {"train_pgd20": tr["accuracy"], "test_pgd20": te["accuracy"],
+                 "gap": tr["accuracy"] - te["accuracy"], "test_worst_class_pgd20": te["worst_class"]["accuracy"]}
+        for scale in scales:
+            entry[f"sharpness_{scale}"] = sharpness_sigma2(model, x, y, num_samples=num_samples, seed=seed, scale=scale)
+        out["methods"][method] = entry
+    return out
+
+
+def run_phi(output_dir, *, methods: Sequence[str] = ("PGD-AT", "CSR gamma=0.0 (TRADES)"), settings=None, seed: int = 0):
+    """Phi'(f_w) of Prop. 3.1 for adversarially trained Fashion-MNIST models (B = 28, the largest l2 norm of
+    a 28 x 28 image in [0, 1]; eps = the l2 radius of the Linf ball, eps_inf * 28)."""
+    from .reproduction import QUICK, train_method
+
+    settings = settings or QUICK
+    out: Dict[str, object] = {"settings": settings.name, "seed": seed, "methods": {}}
+    for method in methods:
+        trainer, _, _ = train_method("fashion_mnist", method, seed, settings, os.path.join(output_dir, "runs"))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        out["methods"][method] = phi_prime(model, input_norm_bound=28.0, eps=settings.attack_eps * 28.0)
+    return out

@@ -105,18 +105,15 @@ def load_data(dataset: str, settings: ReproductionSettings, seed: int):
     return train, test
 
 
-def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir: Path) -> Dict[str, Any]:
-    """Train and evaluate one (dataset, method, seed); returns the results dict (also written to disk)."""
+def train_method(dataset: str, method: str, seed: int, settings: ReproductionSettings, output_dir):
+    """Train ``method`` on ``dataset`` with the budget of ``settings``; returns (trainer, train set, test set)."""
     from .configuration import CSRTrainingArguments
     from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .evaluation import evaluate_robustness
-    from .evaluation.specs import AutoAttackConfig
     from .models import create_robust_classifier
     from .trainer import CSRTrainer
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}.")
-    start = time.time()
     train, test = load_data(dataset, settings, seed)
     torch.manual_seed(seed)
     model = create_robust_classifier(
@@ -125,21 +122,37 @@ def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings
         threat_model={"norm": "Linf", "eps": settings.attack_eps},
     )
     args = CSRTrainingArguments(
-        output_dir=str(run_dir / "trainer"), num_train_epochs=settings.epochs, per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate, lr_milestones=settings.milestones(), attack_eps=settings.attack_eps,
-        attack_steps=settings.attack_steps, horizontal_flip=False, crop_padding=2, fairness_val_size=settings.fairness_val_size,
-        save_strategy="no", logging_steps=50, disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available(),
+        output_dir=str(Path(output_dir) / "trainer"), num_train_epochs=settings.epochs,
+        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
+        lr_milestones=settings.milestones(), attack_eps=settings.attack_eps, attack_steps=settings.attack_steps,
+        horizontal_flip=False, crop_padding=2, fairness_val_size=settings.fairness_val_size, save_strategy="no",
+        logging_steps=50, disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available(),
         csr_confusion_source="ema", **METHODS[method],
     )
     trainer = CSRTrainer(model=model, args=args, train_dataset=train)
     trainer.train()
+    return trainer, train, test
+
+
+def robust_attacks(settings: ReproductionSettings):
+    """The evaluation attacks of ``settings`` (AutoAttack with the preset's reduced budgets, if any)."""
+    from .evaluation.specs import AutoAttackConfig
+
+    if settings.eval_attacks == "autoattack" and (settings.aa_n_iter or settings.aa_n_queries):
+        return [AutoAttackConfig(version="standard", n_iter=settings.aa_n_iter, n_queries=settings.aa_n_queries)]
+    return settings.eval_attacks
+
+
+def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir: Path) -> Dict[str, Any]:
+    """Train and evaluate one (dataset, method, seed); returns the results dict (also written to disk)."""
+    from .evaluation import evaluate_robustness
+
+    start = time.time()
+    trainer, train, test = train_method(dataset, method, seed, settings, run_dir)
     trained = time.time()
-    attacks = settings.eval_attacks
-    if attacks == "autoattack" and (settings.aa_n_iter or settings.aa_n_queries):
-        attacks = [AutoAttackConfig(version="standard", n_iter=settings.aa_n_iter, n_queries=settings.aa_n_queries)]
     report = evaluate_robustness(
-        trainer.accelerator.unwrap_model(trainer.model), test, attacks=attacks, norm="Linf",
-        eps=settings.attack_eps, batch_size=256, seed=seed, device=args.device, progress=False,
+        trainer.accelerator.unwrap_model(trainer.model), test, attacks=robust_attacks(settings), norm="Linf",
+        eps=settings.attack_eps, batch_size=256, seed=seed, device=trainer.args.device, progress=False,
     )
     results = report.to_dict()
     results["train_class_counts"] = torch.bincount(train.labels, minlength=train.num_classes).tolist()

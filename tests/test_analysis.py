@@ -54,13 +54,15 @@ def test_nu_on_known_matrices():
 
 
 def test_random_confusion_matrices_and_the_sqrt_k_bound():
-    c = random_confusion_matrices(500, 10, seed=1)
+    c = random_confusion_matrices(500, 10, seed=1, scheme="dirichlet")
     assert torch.all(torch.diagonal(c, dim1=1, dim2=2) == 0) and torch.all(c >= 0)
     assert torch.all(c.sum(dim=1) <= 1 + 1e-12)  # each column is a distribution of errors
     study = nu_study(2000, 10, seed=0, model_matrices={"J-I": np.ones((10, 10)) - np.eye(10)}, batch=700)
     assert study["count"] == 2000 and study["models"]["J-I"] == pytest.approx(1.0)
     assert study["random"]["max"] <= math.sqrt(10) + 1e-9 and study["random"]["min"] > 0
     again = nu_study(2000, 10, seed=0, batch=700)
+    uniform = random_confusion_matrices(50, 10, seed=2)
+    assert torch.all(torch.diagonal(uniform, dim1=1, dim2=2) == 0) and torch.all((uniform >= 0) & (uniform <= 1))
     assert again["random"] == study["random"]
 
 
