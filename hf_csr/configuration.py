@@ -24,7 +24,7 @@ from .utils import parse_pixel_value
 __all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "FAIRNESS_METHODS"]
 
 BASE_LOSSES = ("pgd", "trades")
-FAIRNESS_METHODS = ("none", "csr")
+FAIRNESS_METHODS = ("none", "csr", "frl", "faal", "cfa", "wat")
 
 
 class PixelValue(float):
@@ -50,7 +50,9 @@ class CSRTrainingArguments(TrainingArguments):
     base_loss: str = _choice("pgd", BASE_LOSSES, "Base adversarial-training objective: PGD-AT (Madry et al.) or TRADES.")
     trades_beta: float = field(default=6.0, metadata={"help": "TRADES trade-off beta (weight of the KL term)."})
     fairness_method: str = _choice(
-        "csr", FAIRNESS_METHODS, "Fairness method on top of the base loss ('none' = plain PGD-AT / TRADES)."
+        "csr", FAIRNESS_METHODS,
+        "Fairness method on top of the base loss ('none' = plain PGD-AT / TRADES; frl, faal, cfa, wat = the baselines "
+        "of hf_csr.baselines, see their docstrings).",
     )
     csr_alpha: float = field(default=0.3, metadata={"help": "Weight alpha of the CSR penalty Psi (0 = the base method)."})
     csr_gamma: float = field(
@@ -69,6 +71,29 @@ class CSRTrainingArguments(TrainingArguments):
         "(a full PGD pass over the training set before each epoch, as the released code).",
     )
     csr_ema_momentum: float = field(default=0.99, metadata={"help": "EMA decay mu of the 'ema' confusion source, in [0, 1)."})
+    # ------------------------------------------------------------------ fairness baselines (hf_csr.baselines)
+    fairness_val_size: int = field(
+        default=1000,
+        metadata={"help": "FRL / WAT / CFA-FAWA: size of the class-balanced validation split drawn from the training set "
+                          "when trainer.fairness_validation_dataset is not set (set here)."},
+    )
+    frl_tau_clean: float = field(default=0.05, metadata={"help": "FRL tau1: allowed excess clean error per class (paper: 0.05 or 0.07)."})
+    frl_tau_boundary: float = field(default=0.05, metadata={"help": "FRL tau2: allowed excess boundary error per class (paper: 0.05 or 0.07)."})
+    frl_rw_rate: float = field(default=0.05, metadata={"help": "FRL reweight multipliers' step size per epoch (0 disables reweighting; set here)."})
+    frl_rm_rate: float = field(default=0.05, metadata={"help": "FRL remargin multipliers' step size per epoch (0 disables remargin; set here)."})
+    frl_max_eps_factor: float = field(default=2.0, metadata={"help": "FRL: cap of the remargined budget as a multiple of attack_eps (>= 1; set here)."})
+    faal_rho: float = field(default=0.1, metadata={"help": "FAAL: radius of the KL ball around uniform class weights (0 = base method; set here)."})
+    faal_search_steps: int = field(default=50, metadata={"help": "FAAL: bisection steps of the 1-D search on the dual variable."})
+    cfa_ccm: bool = field(default=True, metadata={"help": "CFA: class-wise calibrated margins (eps_c = (cfa_eps_lambda + t_c) * eps)."})
+    cfa_ccr: bool = field(default=True, metadata={"help": "CFA: class-wise calibrated TRADES beta (beta_c = (cfa_beta_lambda + t_c) * beta)."})
+    cfa_fawa: bool = field(default=True, metadata={"help": "CFA: fairness-aware weight averaging, swapped in at the end of training."})
+    cfa_eps_lambda: float = field(default=0.5, metadata={"help": "CFA: base factor of the class-wise budget (set here)."})
+    cfa_beta_lambda: float = field(default=0.5, metadata={"help": "CFA: base factor of the class-wise TRADES beta (set here)."})
+    cfa_eps_max_factor: Optional[float] = field(default=None, metadata={"help": "CFA: optional cap of eps_c / eps (None: lambda + 1)."})
+    cfa_fawa_decay: float = field(default=0.85, metadata={"help": "CFA: decay of the weight average, in [0, 1) (set here)."})
+    cfa_fawa_threshold: float = field(default=0.2, metadata={"help": "CFA: minimal worst-class validation robust accuracy for an epoch to enter the average (set here)."})
+    cfa_fawa_start: int = field(default=0, metadata={"help": "CFA: first epoch (from 0) that may enter the weight average."})
+    wat_eta: float = field(default=0.1, metadata={"help": "WAT: Hedge learning rate on the cumulative class-wise validation loss (0 = base method; set here)."})
     # ------------------------------------------------------------------ training attack
     attack_norm: str = _choice("Linf", NORMS, "Threat model of the training (and evaluation) attack.")
     attack_eps: PixelValue = field(
@@ -177,6 +202,7 @@ class CSRTrainingArguments(TrainingArguments):
             raise ValueError(f"awp_gamma must be >= 0 (0 disables AWP); got {self.awp_gamma}.")
         if self.awp_warmup < 0:
             raise ValueError(f"awp_warmup must be >= 0; got {self.awp_warmup}.")
+        self._validate_baseline_fields()
         if not self.eval_attack_list:
             raise ValueError(f"eval_attacks must name at least one attack (e.g. 'clean,pgd20'); got {self.eval_attacks!r}.")
         parse_attacks(self.eval_attacks)  # names the unknown attack and the allowed forms
@@ -187,6 +213,34 @@ class CSRTrainingArguments(TrainingArguments):
         self.milestone_epochs()  # validates lr_milestones
         if not 0 < self.lr_decay_factor <= 1:
             raise ValueError(f"lr_decay_factor must lie in (0, 1]; got {self.lr_decay_factor}.")
+
+    def _validate_baseline_fields(self) -> None:
+        def nonnegative(name):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
+
+        for name in ("frl_tau_clean", "frl_tau_boundary", "frl_rw_rate", "frl_rm_rate", "faal_rho", "cfa_eps_lambda",
+                     "cfa_beta_lambda", "wat_eta"):
+            nonnegative(name)
+        if not isinstance(self.fairness_val_size, int) or self.fairness_val_size < 1:
+            raise ValueError(f"fairness_val_size must be a positive integer; got {self.fairness_val_size!r}.")
+        if not math.isfinite(self.frl_max_eps_factor) or self.frl_max_eps_factor < 1:
+            raise ValueError(f"frl_max_eps_factor must be >= 1; got {self.frl_max_eps_factor}.")
+        if not isinstance(self.faal_search_steps, int) or self.faal_search_steps < 1:
+            raise ValueError(f"faal_search_steps must be a positive integer; got {self.faal_search_steps!r}.")
+        if self.cfa_eps_max_factor is not None and not (math.isfinite(self.cfa_eps_max_factor) and self.cfa_eps_max_factor > 0):
+            raise ValueError(f"cfa_eps_max_factor must be > 0 or None; got {self.cfa_eps_max_factor}.")
+        if not 0 <= self.cfa_fawa_decay < 1:
+            raise ValueError(f"cfa_fawa_decay must lie in [0, 1); got {self.cfa_fawa_decay}.")
+        if not 0 <= self.cfa_fawa_threshold <= 1:
+            raise ValueError(f"cfa_fawa_threshold must lie in [0, 1]; got {self.cfa_fawa_threshold}.")
+        if not isinstance(self.cfa_fawa_start, int) or self.cfa_fawa_start < 0:
+            raise ValueError(f"cfa_fawa_start must be an integer >= 0; got {self.cfa_fawa_start!r}.")
+        if self.fairness_method == "cfa" and self.attack_norm == "Linf":
+            top = (self.cfa_eps_lambda + 1) if self.cfa_eps_max_factor is None else min(self.cfa_eps_lambda + 1, self.cfa_eps_max_factor)
+            if self.cfa_ccm and top * self.attack_eps > 1:
+                raise ValueError(f"CFA's largest class budget ({top:g} * attack_eps) exceeds 1 for Linf; lower cfa_eps_lambda or set cfa_eps_max_factor.")
 
     @property
     def eval_attack_list(self) -> List[str]:

@@ -230,6 +230,11 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
     if training.fairness_method == "csr":
         summary.update(csr_variant=training.csr_variant, csr_alpha=training.csr_alpha, csr_gamma=training.csr_gamma,
                        csr_confusion_source=training.csr_confusion_source)
+    elif training.fairness_method in ("frl", "faal", "cfa", "wat"):
+        prefix = f"{training.fairness_method}_"
+        summary.update({f.name: getattr(training, f.name) for f in fields(training) if f.name.startswith(prefix)})
+        if training.fairness_method != "faal":
+            summary["fairness_val_size"] = training.fairness_val_size
     return summary
 
 

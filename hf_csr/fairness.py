@@ -47,12 +47,22 @@ class FairnessMethod:
     def on_optimizer_step(self) -> None:
         """After every optimizer step (e.g. weight averaging)."""
 
+    def on_batch_statistics(self, stats) -> None:
+        """Every micro-batch's :class:`~hf_csr.regularizer.BatchStatistics` of the adversarial training
+        logits (summed across processes; e.g. CFA's class-wise training robust accuracy)."""
+
     # ------------------------------------------------------------------ per epoch / run
     def on_train_begin(self) -> None:
         """Before the first step (validation splits, initial weights)."""
 
     def on_epoch_begin(self, epoch: int) -> None:
         """Before each epoch (e.g. multipliers updated from a validation split)."""
+
+    def on_epoch_end(self, epoch: int) -> None:
+        """After each epoch (``epoch`` counts from 0)."""
+
+    def on_train_end(self) -> None:
+        """After the last step, before the model is saved (e.g. CFA swaps in its weight average)."""
 
     def log_metrics(self) -> Dict[str, float]:
         """Extra values for the training logs."""

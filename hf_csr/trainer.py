@@ -41,6 +41,7 @@ from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
 from .configuration import CSRTrainingArguments
 from .data import RobustImageCollator, augment_batch
 from .data.core import check_labels_in_range
+from . import baselines  # noqa: F401  (registers frl, faal, cfa, wat)
 from .fairness import FAIRNESS_REGISTRY, FairnessMethod
 from .regularizer import BatchStatistics, ConfusionEstimator, csr_penalty
 from .utils import as_logits, check_pixel_values, inputs_prevalidated
@@ -107,6 +108,14 @@ class _CSRCallback(TrainerCallback):
         self.trainer._maybe_run_confusion_pass()
         if self.trainer.fairness is not None:
             self.trainer.fairness.on_epoch_begin(int(math.floor((state.epoch or 0.0) + 1e-9)))
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if self.trainer.fairness is not None:
+            self.trainer.fairness.on_epoch_end(max(0, int(math.ceil((state.epoch or 0.0) - 1e-9)) - 1))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.trainer.fairness is not None:
+            self.trainer.fairness.on_train_end()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._micro_step = 0
@@ -293,6 +302,8 @@ class CSRTrainer(Trainer):
         ce_term, robust_term = self._base_terms(logits_nat, logits_adv, y, weighted=True)
         base = ce_term + robust_term
         stats = self.confusion.update(logits_adv, y, validate=False)
+        if self.fairness is not None:
+            self.fairness.on_batch_statistics(stats)
         psi = None
         if args.csr_enabled:
             psi = csr_penalty(
