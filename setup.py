@@ -40,7 +40,8 @@ setup(
         "tqdm>=4.66,<5",
     ],
     extras_require={
-        "dev": ["pytest>=8.0,<10", "hypothesis>=6.100,<7"],
+        # scipy: tests cross-check Kendall tau and other statistics against scipy.stats
+        "dev": ["pytest>=8.0,<10", "hypothesis>=6.100,<7", "scipy>=1.10,<2"],
     },
     entry_points={"console_scripts": ["hf-csr=hf_csr.cli:main"]},
     classifiers=[
