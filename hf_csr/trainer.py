@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
+from transformers import Trainer, TrainerCallback, TrainerState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from .attacks import attack_mode, pgd_attack, random_init
 from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
@@ -476,6 +476,26 @@ class CSRTrainer(Trainer):
         return self.lr_scheduler
 
     # ------------------------------------------------------------------ checkpoints
+    def train(self, resume_from_checkpoint=None, trial=None, **kwargs):
+        """``Trainer.train``; resuming from a checkpoint that already reached ``max_steps`` (a run killed
+        after its last checkpoint, e.g. during the final save or evaluation) restores that checkpoint and
+        trains no further -- ``Trainer.train`` would otherwise take one extra optimizer step."""
+        checkpoint = resume_from_checkpoint
+        if checkpoint is True:
+            checkpoint = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            if checkpoint is None:
+                raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-N folder.")
+        state_file = os.path.join(checkpoint, "trainer_state.json") if isinstance(checkpoint, str) else None
+        if state_file and self.args.max_steps > 0 and os.path.isfile(state_file):
+            state = TrainerState.load_from_json(state_file)
+            if state.global_step >= self.args.max_steps:
+                logger.info("%s already reached max_steps = %d: restoring it, no further training",
+                            checkpoint, self.args.max_steps)
+                self._load_from_checkpoint(checkpoint)
+                self.state = state
+                return TrainOutput(state.global_step, 0.0, {"train_resumed_finished": 1.0})
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
+
     def csr_state_dict(self) -> Dict[str, Any]:
         state: Dict[str, Any] = {"confusion": self.confusion.state_dict()}
         if self.fairness is not None:

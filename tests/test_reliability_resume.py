@@ -7,7 +7,7 @@ checkpoint, half-way through the final save, or from outside at a random moment 
 confusion estimate must be bit-identical to an uninterrupted run's (CPU, deterministic), and no
 half-written file may ever be picked up: the previous checkpoint stays the latest complete one.
 
-The default suite runs one chain (ema source, AWP on, killed mid-save then at a step); the full matrix
+The default suite runs one chain (ema source, AWP on, killed mid-save, at a step, in the final save); the full matrix
 (ema and epoch sources, AWP, six kill plans, external random kills) is ``-m slow``.
 """
 
@@ -124,9 +124,10 @@ def run_chain(tmp_path: Path, source: str, awp: bool, plans, external=None):
     return kills
 
 
-def test_killed_mid_save_and_at_a_step_resumes_to_identical_weights(tmp_path):
-    """Default suite: ema source, AWP on; killed half-way through a checkpoint's csr_state.pt, then at a step."""
-    assert run_chain(tmp_path, "ema", True, ["mid_state:3", "step:5"]) == 2
+def test_killed_mid_save_at_a_step_and_in_the_final_save_resumes_to_identical_weights(tmp_path):
+    """Default suite: ema source, AWP on; killed half-way through a checkpoint's csr_state.pt, then at a step,
+    then half-way through the final save (the rerun restores the finished checkpoint-6 and trains no further)."""
+    assert run_chain(tmp_path, "ema", True, ["mid_state:3", "step:5", "mid_final:0"]) == 3
 
 
 @pytest.mark.slow
