@@ -46,7 +46,11 @@ DATASETS = ("fashion_mnist", "fashion_mnist_lt")
 
 @dataclass
 class ReproductionSettings:
-    """The budget shared by every method (``--quick`` / default / ``--size medium``)."""
+    """The budget shared by every method (``--quick`` / default / ``--size medium``).
+
+    ``quick`` and ``medium`` evaluate with AutoAttack's two APGD components at reduced iterations
+    (``aa_n_iter``; the column is named accordingly, e.g. ``autoattack:apgd-ce+apgd-t[n_iter=10]``);
+    ``default`` runs the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at its own budgets."""
 
     name: str
     train_examples: int  # class-balanced subset of the 60k training images (before long-tailing)
@@ -72,15 +76,15 @@ class ReproductionSettings:
 
 QUICK = ReproductionSettings(
     name="quick", train_examples=2000, eval_examples=300, epochs=4, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=3, aa_n_iter=10, aa_n_queries=200, fairness_val_size=100,
+    num_blocks=(1, 1, 1, 1), attack_steps=3, eval_attacks="autoattack:apgd-ce+apgd-t", aa_n_iter=10, fairness_val_size=100,
 )
 MEDIUM = ReproductionSettings(
     name="medium", train_examples=5000, eval_examples=500, epochs=8, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=5, aa_n_iter=25, aa_n_queries=1000, fairness_val_size=200,
+    num_blocks=(1, 1, 1, 1), attack_steps=5, eval_attacks="autoattack:apgd-ce+apgd-t", aa_n_iter=25, fairness_val_size=200,
 )
 DEFAULT = ReproductionSettings(
-    name="default", train_examples=6000, eval_examples=500, epochs=10, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=5, fairness_val_size=300,
+    name="default", train_examples=4000, eval_examples=500, epochs=8, batch_size=64, learning_rate=0.05, width=8,
+    num_blocks=(1, 1, 1, 1), attack_steps=5, fairness_val_size=200,
 )
 SIZES = {"quick": QUICK, "medium": MEDIUM, "default": DEFAULT}
 
@@ -136,11 +140,13 @@ def train_method(dataset: str, method: str, seed: int, settings: ReproductionSet
 
 def robust_attacks(settings: ReproductionSettings):
     """The evaluation attacks of ``settings`` (AutoAttack with the preset's reduced budgets, if any)."""
-    from .evaluation.specs import AutoAttackConfig
+    import dataclasses
 
-    if settings.eval_attacks == "autoattack" and (settings.aa_n_iter or settings.aa_n_queries):
-        return [AutoAttackConfig(version="standard", n_iter=settings.aa_n_iter, n_queries=settings.aa_n_queries)]
-    return settings.eval_attacks
+    from .evaluation.specs import AutoAttackConfig, parse_attacks
+
+    attacks = parse_attacks(settings.eval_attacks)[1:]  # without the leading clean
+    return [dataclasses.replace(a, n_iter=settings.aa_n_iter or a.n_iter, n_queries=settings.aa_n_queries or a.n_queries)
+            if isinstance(a, AutoAttackConfig) else a for a in attacks]
 
 
 def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir: Path) -> Dict[str, Any]:
