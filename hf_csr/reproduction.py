@@ -81,7 +81,7 @@ MEDIUM = ReproductionSettings(
     num_blocks=(1, 1, 1, 1), attack_steps=5, eval_attacks="autoattack:apgd-ce+apgd-t", aa_n_iter=25, fairness_val_size=200,
 )
 DEFAULT = ReproductionSettings(
-    name="default", train_examples=4000, eval_examples=500, epochs=8, batch_size=64, learning_rate=0.05, width=8,
+    name="default", train_examples=4000, eval_examples=300, epochs=8, batch_size=64, learning_rate=0.05, width=8,
     num_blocks=(1, 1, 1, 1), attack_steps=5, fairness_val_size=200,
 )
 SIZES = {"quick": QUICK, "medium": MEDIUM, "default": DEFAULT}
