@@ -79,7 +79,7 @@ def shot_groups(train_counts: Sequence[int], thresholds: Optional[Tuple[int, int
                 "medium": np.flatnonzero((counts <= high) & (counts >= low)).tolist(),
                 "few": np.flatnonzero(counts < low).tolist()}
     order = sorted(range(len(counts)), key=lambda c: (-counts[c], c))
-    return dict(zip(("many", "medium", "few"), (sorted(part) for part in np.array_split(order, 3))))
+    return dict(zip(("many", "medium", "few"), (sorted(int(i) for i in part) for part in np.array_split(order, 3))))
 
 
 def group_accuracy(per_class_accuracy: Sequence[float], groups: Dict[str, Sequence[int]]) -> Dict[str, float]:

@@ -6,7 +6,6 @@ ratios x (B + eps)^2 n^2 h ln(nh)) for adversarially trained Fashion-MNIST model
 """
 
 import argparse
-import json
 
 from hf_csr.analysis import run_phi, save_json_and_plot
 from hf_csr.reproduction import METHODS, SIZES

@@ -7,7 +7,6 @@ absolute noise as in the paper and magnitude-relative noise (hf_csr.analysis.run
 """
 
 import argparse
-import json
 
 from hf_csr.analysis import run_sharpness, save_json_and_plot
 from hf_csr.reproduction import METHODS, SIZES

@@ -54,7 +54,8 @@ def test_table_mean_std_and_reading(tmp_path):
     assert summary["PGD-AT"]["clean"][1] == pytest.approx(7.0710678, rel=1e-6)  # sample std over seeds
     table = markdown_table(summary)
     assert "| PGD-AT | 85.00 ± 7.07 | 65.00 ± 7.07 | 55.00 ± 7.07 | 15.00 ± 7.07 | 2 |" in table
-    assert "advantage appears here" in reading(summary)
+    assert "worst-class AA: best CSR CSR gamma=0.0 (TRADES) 41.00" in reading(summary)
+    assert "more than the seed standard deviations" in reading(summary)
 
 
 def test_report_without_runs(tmp_path):
