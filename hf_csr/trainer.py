@@ -25,6 +25,7 @@ import logging
 import math
 import os
 import shutil
+import tempfile
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -92,6 +93,18 @@ def validate_training_data(dataset: Optional[Dataset], num_classes: int, name: s
         sample = torch.as_tensor(dataset[0]["pixel_values"])
         if sample.is_floating_point():
             check_pixel_values(sample[None], name=f"{name} images")
+
+
+def _check_writable(directory: str) -> None:
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"output_dir {directory!r} is not a writable directory ({error}); checkpoints and the final model go "
+            "there. Pass a directory you can write to."
+        ) from error
 
 
 class _CSRCallback(TrainerCallback):
@@ -168,6 +181,8 @@ class CSRTrainer(Trainer):
             # Augmentation happens in compute_loss, on the device, from step-keyed generators.
             data_collator = RobustImageCollator(augment=False)
         self.num_classes = self._resolve_num_classes(model, num_classes)
+        if args.should_save:
+            _check_writable(args.output_dir)  # not after hours of training, at the first checkpoint
         validate_training_data(train_dataset, self.num_classes, "train_dataset", require_every_class=True)
         eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         for dataset in eval_sets:

@@ -195,3 +195,25 @@ def test_model_card_escapes_user_supplied_text():
 def test_model_card_rejects_hostile_repo_ids(repo_id):
     with pytest.raises(ValueError, match="repo_id must be a Hub repo id like 'namespace/name'"):
         render_model_card(card_results(["a", "b"]), repo_id=repo_id)
+
+
+# ------------------------------------------------------------------------------------------- a full disk
+def test_a_failed_write_leaves_the_previous_file_intact(tmp_path, monkeypatch):
+    """results.json, results.md, plots, cards and progress files go through hf_csr.utils.atomic_*: a write that
+    fails half-way (here: the disk fills up at fsync) leaves the previous file as it was and no temporary file."""
+    import errno
+    import os
+
+    from hf_csr import utils
+
+    path = tmp_path / "results.json"
+    utils.atomic_write_json(path, {"accuracy": 0.5})
+
+    def full_disk(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        utils.atomic_write_json(path, {"accuracy": 0.9, "padding": "x" * 100_000})
+    assert json.loads(path.read_text()) == {"accuracy": 0.5}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]

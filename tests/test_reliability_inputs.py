@@ -147,6 +147,10 @@ BAD_INPUTS = [
      r"train_dataset images contains NaN or inf values"),
     ("trainer images outside [0, 1]", lambda t: _trainer(t, _dataset(images=torch.full((12, 1, 8, 8), 2.0))),
      r"train_dataset images must lie in \[0, 1\]"),
+    ("trainer unwritable output_dir", lambda t: CSRTrainer(
+        model=create_robust_classifier("test_tiny_convnet", class_names=["a", "b", "c"], num_channels=1, image_size=8),
+        args=CSRTrainingArguments(output_dir=_not_a_dir(t), use_cpu=True), train_dataset=_dataset()),
+     r"output_dir '.*a-file/out' is not a writable directory"),
     # ---------------------------------------------------------------- training arguments (recipes' --flags)
     ("args csr_alpha < 0", lambda t: _args(t, csr_alpha=-0.1), r"csr_alpha must be >= 0; got -0.1"),
     ("args reference alpha > 1", lambda t: _args(t, csr_alpha=1.5), r"csr_alpha must lie in \[0, 1\] for csr_variant='reference'"),

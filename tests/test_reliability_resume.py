@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,14 +48,17 @@ def worker(output_dir: Path, plan: str, source: str, awp: bool, external_kill_at
     """Run the worker once; returns its exit code (``-SIGKILL`` when killed)."""
     cmd = [sys.executable, str(WORKER), "--kill", plan, "--", *recipe_flags(output_dir, source, awp)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
-    process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if external_kill_at is not None:
-        for line in process.stdout:
-            if line.strip() == f"hf_csr-step {external_kill_at}":
-                time.sleep(rng.uniform(0.0, 0.4))  # somewhere in the next step, or in the save of this one
-                process.send_signal(signal.SIGKILL)
-                break
-    _, stderr = process.communicate(timeout=300)
+    with tempfile.TemporaryFile(mode="w+") as log:  # a file, not a pipe: a full stderr pipe would block the worker
+        process = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=log, text=True)
+        if external_kill_at is not None:
+            for line in process.stdout:
+                if line.strip() == f"hf_csr-step {external_kill_at}":
+                    time.sleep(rng.uniform(0.0, 0.4))  # somewhere in the next step, or in the save of this one
+                    process.send_signal(signal.SIGKILL)
+                    break
+        process.communicate(timeout=300)
+        log.seek(0)
+        stderr = log.read()
     if process.returncode not in (0, KILLED):
         raise AssertionError(f"worker failed ({process.returncode}):\n{stderr[-3000:]}")
     return process.returncode
@@ -114,7 +118,7 @@ def run_chain(tmp_path: Path, source: str, awp: bool, plans, external=None):
         start = max(complete_checkpoints(output_dir) or [0])
         if start >= MAX_STEPS - 1:
             break
-        at = rng.randint(start + 1, MAX_STEPS - 1)
+        at = min(MAX_STEPS - 1, start + rng.randint(1, 2))  # a step or two after the resume point
         if worker(output_dir, "none", source, awp, external_kill_at=at, rng=rng) == KILLED:
             check_after_kill(output_dir, "external")
             kills += 1
@@ -145,4 +149,4 @@ def test_kill_matrix_resumes_to_identical_weights(tmp_path, source, plans):
 @pytest.mark.parametrize("source, awp", [("ema", True), ("epoch", True), ("ema", False)])
 def test_external_random_sigkill_resumes_to_identical_weights(tmp_path, source, awp):
     """SIGKILL from outside at a random moment (seeded), three times in a row, then run to the end."""
-    run_chain(tmp_path, source, awp, [], external=3)
+    assert run_chain(tmp_path, source, awp, [], external=3) >= 1  # up to 3 kills; a late one may find the run done
