@@ -27,6 +27,10 @@ outputs (in --output-dir): results.json, results.md (the table, also printed), c
 (the robust confusion matrix of the headline attack, paper Fig. 3), classwise_accuracy.png and, with
 --train-dataset, train_test_scatter.png (paper Fig. 2).
 
+interruptions: progress is kept per attack and per batch in <output-dir>/.progress; if the evaluation is
+killed, run the same command again and it continues where it stopped, with identical numbers (--no-resume
+turns this off). The folder is removed once the evaluation has finished.
+
 example:
   hf-csr evaluate --model ./my-checkpoint --dataset fashion_mnist --split test --limit 1000 \\
       --attacks clean,pgd20,cw20,autoattack --norm Linf --eps 8/255 --output-dir eval/
@@ -201,7 +205,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     loaded = {part: load(*source) for part, source in sets.items()}
     # Per-attack, per-batch progress: an interrupted run (pre-emption, kill) resumes where it stopped when
     # the same command is run again; finished batches are reloaded, not recomputed.
-    progress = None if getattr(args, "no_resume", False) else Path(args.resume_dir) if args.resume_dir else output_dir / PROGRESS_DIR
+    if getattr(args, "no_resume", False):
+        progress = None
+    else:
+        progress = Path(args.resume_dir) if args.resume_dir else output_dir / PROGRESS_DIR
     reports = {}
     for part, dataset in loaded.items():
         reports[part] = evaluate_robustness(
