@@ -93,7 +93,8 @@ def main() -> None:
             fns = {name: make_step(t, inputs) for name, t in trainers.items()}
             fns["epoch_pass"] = lambda: epoch_trainer.run_confusion_pass(1)
             times = C.interleaved(fns, warmup=args.warmup, repeats=args.repeats, device=args.device)
-            per_image_pass = [t / pass_images for t in times["epoch_pass"]]
+            pass_size = len(epoch_trainer.train_dataset)  # max(2 x batch, K) images
+            per_image_pass = [t / pass_size for t in times["epoch_pass"]]
             amortised = [s + args.batch_size * p for s, p in zip(times["epoch"], per_image_pass)]
             row = {
                 "loss": base_loss, "K": k,
