@@ -238,9 +238,9 @@ def pgd_attack(
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}; got {tuple(noise.shape)}.")
         if norm == "Linf":
             # The Linf ball intersected with [0, 1] is a box: its bounds are computed once, and each
-            # projection is then one clamp (equal, element by element, to _project's min/max/clamp).
+            # projection is then one in-place clamp (equal, element by element, to _project's min/max/clamp).
             low, high = _linf_box(x, eps)
-            project = lambda z: torch.clamp(z, low, high)  # noqa: E731
+            project = lambda z: z.clamp_(low, high)  # noqa: E731
         else:
             project = lambda z: _project(z, x, eps, norm)  # noqa: E731
         x_adv = project(x + noise.to(device=x.device, dtype=x.dtype))
@@ -251,10 +251,15 @@ def pgd_attack(
                 if loss_scale != 1.0:
                     objective = objective * loss_scale
                 (grad,) = torch.autograd.grad(objective, [x_adv])
+            # The graph is gone: update the iterate in place (the step, then the projection).
             x_adv = x_adv.detach()
             if norm == "Linf":
-                x_adv = x_adv + step_size * grad.sign()
+                direction = grad.sign_()
             else:
-                x_adv = x_adv + step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
+                direction = grad.div_(_per_example_norm(grad).clamp_min(1e-12))
+            if isinstance(step_size, torch.Tensor):
+                x_adv.addcmul_(step_size, direction)
+            else:
+                x_adv.add_(direction, alpha=step_size)
             x_adv = project(x_adv)
     return x_adv.detach()
