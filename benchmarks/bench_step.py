@@ -26,7 +26,7 @@ import logging
 import _common as C  # noqa: N812
 import torch
 
-from hf_csr import CSRTrainer, CSRTrainingArguments
+from hf_csr import CSRTrainer, CSRTrainingArguments, csr_penalty
 
 
 def make_trainer(args, base_loss: str, num_classes: int, method: str, source: str = "ema", pass_images: int = 0,
@@ -61,11 +61,29 @@ def make_step(trainer, inputs):
     return step
 
 
+def csr_overhead(trainer, batch_size: int, num_classes: int, device, repeats: int = 50) -> float:
+    """Median seconds of the work CSR adds to a step, alone: the confusion update (counts, all-reduce
+    hook, EMA), the spectral weights (SVD or power iteration) and Psi with its backward to the logits."""
+    args = trainer.args
+    logits = torch.randn(batch_size, num_classes, device=device, requires_grad=True)
+    labels = torch.arange(batch_size, device=device) % num_classes
+
+    def work():
+        stats = trainer.confusion.update(logits.detach(), labels, validate=False)
+        psi = csr_penalty(logits, labels, trainer.confusion.weights(), variant=args.csr_variant, gamma=args.csr_gamma,
+                          class_counts=stats.class_counts, num_examples=stats.num_examples, validate=False)
+        psi.backward()
+
+    return C.median(C.interleaved({"csr": work}, warmup=3, repeats=repeats, device=device, progress=False)["csr"])
+
+
 def main() -> None:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--losses", default="pgd,trades")
     parser.add_argument("--classes", default="10,200")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--overhead-only", action="store_true",
+                        help="only time CSR's own per-step work in isolation (no noise from the attack)")
     args = C.finish_args(
         parser.parse_args(),
         quick=dict(width=16, batch_size=32, repeats=5, warmup=1),
@@ -88,12 +106,18 @@ def main() -> None:
                 "ema": make_trainer(args, base_loss, k, "csr", "ema"),
                 "epoch": make_trainer(args, base_loss, k, "csr", "epoch", pass_images=pass_images),
             }
+            overhead = csr_overhead(trainers["ema"], args.batch_size, k, args.device)
+            if args.overhead_only:
+                rows.append({"loss": base_loss, "K": k, "csr_work_ms": overhead * 1e3})
+                print(rows[-1], flush=True)
+                continue
             epoch_trainer = trainers["epoch"]
             epoch_trainer.run_confusion_pass(0)  # a real (non-zero) C for the epoch-source steps
             fns = {name: make_step(t, inputs) for name, t in trainers.items()}
             fns["epoch_pass"] = lambda: epoch_trainer.run_confusion_pass(1)
             times = C.interleaved(fns, warmup=args.warmup, repeats=args.repeats, device=args.device)
-            per_image_pass = [t / pass_images for t in times["epoch_pass"]]
+            pass_size = len(epoch_trainer.train_dataset)  # max(2 x batch, K) images
+            per_image_pass = [t / pass_size for t in times["epoch_pass"]]
             amortised = [s + args.batch_size * p for s, p in zip(times["epoch"], per_image_pass)]
             row = {
                 "loss": base_loss, "K": k,
@@ -102,6 +126,7 @@ def main() -> None:
                 "ratio_ema": C.paired_ratio(times["ema"], times["base"]),
                 "ratio_epoch_step": C.paired_ratio(times["epoch"], times["base"]),
                 "ratio_epoch_amortised": C.paired_ratio(amortised, times["base"]),
+                "csr_work_ms": overhead * 1e3, "csr_work_bound": 1 + overhead / C.median(times["base"]),
             }
             if not args.no_memory:
                 peaks = {name: C.peak_memory(fns[name], args.device) for name in ("base", "ema", "epoch")}
@@ -111,6 +136,9 @@ def main() -> None:
                 })
             rows.append(row)
             print(row, flush=True)
+    if args.overhead_only:
+        C.report("bench_step: CSR's own work per step", args, info, rows, targets)
+        return
     worst = max(r["ratio_ema"] for r in rows)
     targets.append(f"target (a) CSR(ema)/base <= 1.03: worst {worst:.3f} -> {'HOLDS' if worst <= 1.03 else 'MISSED'}")
     if not args.no_memory:

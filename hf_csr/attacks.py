@@ -266,9 +266,9 @@ def pgd_attack(
             raise ValueError(f"noise must have the shape of x {tuple(x.shape)}; got {tuple(noise.shape)}.")
         if norm == "Linf":
             # The Linf ball intersected with [0, 1] is a box: its bounds are computed once, and each
-            # projection is then one clamp (equal, element by element, to _project's min/max/clamp).
+            # projection is then one in-place clamp (equal, element by element, to _project's min/max/clamp).
             low, high = _linf_box(x, eps)
-            project = lambda z: torch.clamp(z, low, high)  # noqa: E731
+            project = lambda z: z.clamp_(low, high)  # noqa: E731
         else:
             project = lambda z: _project(z, x, eps, norm)  # noqa: E731
         x_adv = project(x + noise.to(device=x.device, dtype=x.dtype))
@@ -284,11 +284,16 @@ def pgd_attack(
                 (grad,) = torch.autograd.grad(objective, [x_adv])
             # A non-finite loss (overflowing logits, fp16) must not turn the images into NaN: such
             # gradient entries are treated as zero (no move along them this step).
-            grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            grad = torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)
+            # The graph is gone: update the iterate in place (the step, then the projection).
             x_adv = x_adv.detach()
             if norm == "Linf":
-                x_adv = x_adv + step_size * grad.sign()
+                direction = grad.sign_()
             else:
-                x_adv = x_adv + step_size * grad / _per_example_norm(grad).clamp_min(1e-12)
+                direction = grad.div_(_per_example_norm(grad).clamp_min(1e-12))
+            if isinstance(step_size, torch.Tensor):
+                x_adv.addcmul_(step_size, direction)
+            else:
+                x_adv.add_(direction, alpha=step_size)
             x_adv = project(x_adv)
     return x_adv.detach()

@@ -191,6 +191,13 @@ class CSRTrainer(Trainer):
             model=model, args=args, data_collator=data_collator, train_dataset=train_dataset,
             eval_dataset=eval_dataset, callbacks=callbacks, **kwargs,
         )
+        if getattr(self, "is_fsdp_enabled", False) or getattr(self, "is_deepspeed_enabled", False):
+            raise ValueError(
+                "CSRTrainer supports data parallelism with DDP only (accelerate's MULTI_GPU, e.g. "
+                "recipes/accelerate_configs/multi_gpu.yaml); FSDP and DeepSpeed are not supported: the attacks "
+                "run on the unwrapped model, which under parameter sharding holds only a shard of the weights. "
+                "Unset --fsdp / --deepspeed (a WRN-70-16 fits on one GPU per process)."
+            )
         source = args.csr_confusion_source if args.fairness_method == "csr" else "batch"
         self.confusion = ConfusionEstimator(
             self.num_classes, variant=args.csr_variant, gamma=args.csr_gamma, source=source,

@@ -106,3 +106,18 @@ def test_recipe_under_accelerate_launch_with_two_cpu_processes_and_two_nodes(tmp
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_fsdp_is_refused_with_a_clear_error(tmp_path):
+    from hf_csr import CSRTrainer
+
+    from .helpers import fmnist, fmnist_model
+    from .test_trainer import make_args
+
+    class FSDPTrainer(CSRTrainer):  # what accelerate reports when launched with an FSDP config
+        def create_accelerator_and_postprocess(self):
+            super().create_accelerator_and_postprocess()
+            self.is_fsdp_enabled = True
+
+    with pytest.raises(ValueError, match="DDP only"):
+        FSDPTrainer(model=fmnist_model(), args=make_args(tmp_path), train_dataset=fmnist(limit=16))

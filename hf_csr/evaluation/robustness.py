@@ -306,7 +306,8 @@ class _Evaluation:
         warnings: List[str] = []
         accuracy_after: Dict[str, float] = {}
         for component in attack.components:
-            chunks = list(robust.nonzero().squeeze(1).split(self.batch_size))
+            # (an empty tensor splits into one empty chunk: once every example is broken, nothing is left to run)
+            chunks = [chunk for chunk in robust.nonzero().squeeze(1).split(self.batch_size) if len(chunk)]
 
             def compute(index, x, y, indices):
                 adversary.attacks_to_run = [component]

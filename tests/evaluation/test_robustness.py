@@ -279,3 +279,18 @@ def test_attack_names_parse():
     assert AutoAttackConfig("custom", ("apgd-ce",), n_iter=5).name == "autoattack:apgd-ce[n_iter=5]"
     with pytest.raises(ValueError, match="exactly when version='custom'"):
         AutoAttackConfig("standard", ("apgd-ce",))
+
+
+def test_autoattack_components_after_every_example_is_broken_are_skipped():
+    # With a huge budget APGD-CE breaks every example; the next component has nothing left to attack
+    # (it used to be handed one empty chunk, on which AutoAttack crashes).
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5)).eval()
+    x = torch.rand(12, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    config = AutoAttackConfig("custom", ("apgd-ce", "apgd-t"), n_iter=5)
+    report = evaluate_robustness(model, x, y, attacks=["clean", config], eps=0.5, batch_size=8, progress=False,
+                                 class_names=[str(i) for i in range(5)])
+    result = report.attacks[config.name]
+    assert result.accuracy == 0.0 and result.extra["robust_accuracy_after"] == {"apgd-ce": 0.0, "apgd-t": 0.0}
