@@ -182,3 +182,13 @@ def test_epoch_methods_run_and_checkpoint(tmp_path, method):
     assert trainer.fairness.updated_epoch == 1
     state = torch.load(tmp_path / "out" / "checkpoint-4" / "csr_state.pt", weights_only=True)
     assert state["fairness"]["name"] == method
+
+
+def test_selectable_from_the_command_line():
+    from hf_csr.experiment import parse_args
+
+    _, training = parse_args(["--fairness_method", "cfa", "--base_loss", "trades", "--cfa_fawa", "false",
+                              "--cfa_eps_lambda", "0.3", "--output_dir", "x"])
+    assert training.fairness_method == "cfa" and training.cfa_fawa is False and training.cfa_eps_lambda == 0.3
+    with pytest.raises(ValueError, match="frl_max_eps_factor"):
+        parse_args(["--fairness_method", "frl", "--frl_max_eps_factor", "0.5", "--output_dir", "x"])
