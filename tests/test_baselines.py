@@ -1,7 +1,6 @@
 """Fairness baselines (hf_csr.baselines): zero strength = the base method, FAAL's closed form, FRL's
 multipliers, CFA's budgets, training end to end with each method."""
 
-import itertools
 import math
 
 import pytest
@@ -106,19 +105,14 @@ def test_cfa_budgets_stay_within_bounds():
 
 
 def _brute_force(losses, rho, grid=400):
-    best, best_q = -math.inf, None
-    k = len(losses)
-    for i, j in itertools.product(range(grid + 1), repeat=k - 1):
-        if i + j > grid:
-            continue
-        q = torch.tensor([i / grid, j / grid, (grid - i - j) / grid], dtype=torch.float64)
-        positive = q > 0
-        kl = float((q[positive] * (q[positive] * k).log()).sum())
-        if kl <= rho:
-            value = float(q @ losses)
-            if value > best:
-                best, best_q = value, q
-    return best, best_q
+    """Max of q . losses over a grid of the 3-simplex (step 1/grid) inside the KL ball, vectorised."""
+    i, j = torch.meshgrid(torch.arange(grid + 1), torch.arange(grid + 1), indexing="ij")
+    keep = (i + j) <= grid
+    q = torch.stack([i[keep], j[keep], grid - i[keep] - j[keep]], dim=1).double() / grid
+    kl = torch.where(q > 0, q * (q * 3).log(), torch.zeros_like(q)).sum(dim=1)
+    values = torch.where(kl <= rho, q @ losses, torch.full_like(kl, -math.inf))
+    best = int(values.argmax())
+    return float(values[best]), q[best]
 
 
 @pytest.mark.parametrize("losses,rho", [([1.0, 2.0, 0.5], 0.05), ([0.3, 0.31, 2.0], 0.2), ([1.0, 1.5, 3.0], 0.6),
@@ -188,3 +182,13 @@ def test_epoch_methods_run_and_checkpoint(tmp_path, method):
     assert trainer.fairness.updated_epoch == 1
     state = torch.load(tmp_path / "out" / "checkpoint-4" / "csr_state.pt", weights_only=True)
     assert state["fairness"]["name"] == method
+
+
+def test_selectable_from_the_command_line():
+    from hf_csr.experiment import parse_args
+
+    _, training = parse_args(["--fairness_method", "cfa", "--base_loss", "trades", "--cfa_fawa", "false",
+                              "--cfa_eps_lambda", "0.3", "--output_dir", "x"])
+    assert training.fairness_method == "cfa" and training.cfa_fawa is False and training.cfa_eps_lambda == 0.3
+    with pytest.raises(ValueError, match="frl_max_eps_factor"):
+        parse_args(["--fairness_method", "frl", "--frl_max_eps_factor", "0.5", "--output_dir", "x"])
