@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 # Benchmark-only dependencies (torchattacks) live in an ignored folder, never in the project's environment:
-#   pip install --target .bench-deps torchattacks --no-deps
+#   pip install --target .bench-deps torchattacks scipy --no-deps
 BENCH_DEPS = REPO / ".bench-deps"
 if BENCH_DEPS.is_dir() and str(BENCH_DEPS) not in sys.path:
     sys.path.append(str(BENCH_DEPS))

@@ -4,7 +4,7 @@ Linf, eps 8/255, step 2/255, 10 steps, uniform random start, cross-entropy, mode
 attack the same logits-returning wrapper of the same model. torchattacks is a benchmark-only
 dependency, installed into an ignored folder next to the repository::
 
-    pip install --target .bench-deps torchattacks --no-deps
+    pip install --target .bench-deps torchattacks scipy --no-deps
     python benchmarks/bench_attack.py --quick
 """
 
@@ -28,7 +28,7 @@ def main() -> None:
         import torchattacks
     except ImportError as error:
         raise SystemExit(
-            "torchattacks is not installed: `pip install --target .bench-deps torchattacks --no-deps` "
+            "torchattacks is not installed: `pip install --target .bench-deps torchattacks scipy --no-deps` "
             f"in the repository root ({error})."
         ) from error
     info = C.machine()

@@ -48,6 +48,18 @@ def main() -> None:
     with torch.no_grad():
         y = net(x).argmax(1)  # clean accuracy 100%: every example is attacked
     results = {}
+    forwarded = {"n": 0}  # images through the network: the work done, whatever the machine's load
+
+    def count(module, inputs, kwargs):
+        value = inputs[0] if inputs else kwargs.get("pixel_values")
+        forwarded["n"] += value.shape[0]
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+
+    def work(fn):
+        forwarded["n"] = 0
+        fn()
+        return forwarded["n"]
 
     def ours():
         report = evaluate_robustness(model, x, y, attacks="autoattack", eps=eps, batch_size=args.batch_size, seed=0,
@@ -64,11 +76,14 @@ def main() -> None:
     times = C.interleaved({"hf_csr": ours, "pyautoattack": direct}, warmup=args.warmup, repeats=args.repeats,
                           device=args.device)
     ratio = C.paired_ratio(times["hf_csr"], times["pyautoattack"])
+    images_ours, images_direct = work(ours), work(direct)
     rows = [{
         "images": args.images, "eps": args.eps, "hf_csr_s": C.median(times["hf_csr"]),
         "pyautoattack_s": C.median(times["pyautoattack"]), "ratio": ratio,
         "robust_acc_hf_csr": results["hf_csr"], "robust_acc_direct": results["direct"],
         "hf_csr_accuracy_after_each_component": results["after"],
+        "images_forwarded_hf_csr": images_ours, "images_forwarded_direct": images_direct,
+        "work_ratio": images_ours / max(images_direct, 1),
     }]
     targets = [f"target (d) hf_csr / direct pyautoattack <= 1.05: {ratio:.3f} -> {'HOLDS' if ratio <= 1.05 else 'MISSED'}"]
     C.report("bench_autoattack: class-wise AutoAttack evaluation vs pyautoattack", args, info, rows, targets)
