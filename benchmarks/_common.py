@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import statistics
@@ -52,8 +53,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+#: Sizes of the training-step benchmarks (bench_step, bench_released): PreAct-ResNet18 width and batch.
+STEP_PRESETS = dict(
+    quick=dict(width=16, batch_size=32, repeats=5, warmup=1),
+    full=dict(width=64, batch_size=128, repeats=10, warmup=2),
+)
+
+
 def finish_args(args: argparse.Namespace, *, quick: Dict, full: Dict) -> argparse.Namespace:
-    """Fill the unset sizes from the quick or full preset; choose the device and thread count."""
+    """Fill the unset sizes from the quick or full preset; choose the device and thread count; keep the
+    libraries' own logging to warnings and errors (the benchmark prints its figures itself)."""
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    logging.getLogger("hf_csr").setLevel(logging.WARNING)
     preset = quick if args.quick else full
     for key, value in preset.items():
         if getattr(args, key, None) is None:

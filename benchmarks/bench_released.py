@@ -23,7 +23,6 @@ ratio released / hf_csr does not depend on the training-set size.
 
 from __future__ import annotations
 
-import logging
 
 import _common as C  # noqa: N812
 import torch
@@ -106,13 +105,7 @@ class ReleasedPattern:
 def main() -> None:
     parser = C.base_parser(__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, default=10)
-    args = C.finish_args(
-        parser.parse_args(),
-        quick=dict(width=16, batch_size=32, repeats=5, warmup=1),
-        full=dict(width=64, batch_size=128, repeats=10, warmup=2),
-    )
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("hf_csr").setLevel(logging.WARNING)
+    args = C.finish_args(parser.parse_args(), **C.STEP_PRESETS)
     info = C.machine()
     k, b = args.classes, args.batch_size
     pass_images = 2 * b

@@ -21,7 +21,6 @@ Full size (PreAct-ResNet18 width 64, batch 128; meant for a GPU)::
 
 from __future__ import annotations
 
-import logging
 
 import _common as C  # noqa: N812
 import torch
@@ -84,13 +83,7 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--overhead-only", action="store_true",
                         help="only time CSR's own per-step work in isolation (no noise from the attack)")
-    args = C.finish_args(
-        parser.parse_args(),
-        quick=dict(width=16, batch_size=32, repeats=5, warmup=1),
-        full=dict(width=64, batch_size=128, repeats=10, warmup=2),
-    )
-    logging.getLogger("transformers").setLevel(logging.ERROR)
-    logging.getLogger("hf_csr").setLevel(logging.WARNING)
+    args = C.finish_args(parser.parse_args(), **C.STEP_PRESETS)
     info = C.machine()
     rows, targets = [], []
     pass_images = 2 * args.batch_size

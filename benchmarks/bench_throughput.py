@@ -9,7 +9,6 @@ add ``--compile`` to include the compiled variant, which needs a C++ compiler on
 
 from __future__ import annotations
 
-import logging
 
 import _common as C  # noqa: N812
 import torch
@@ -52,7 +51,6 @@ def main() -> None:
     )
     if args.width is None:
         args.width = 10  # WRN-28-10 / the backbone's own width
-    logging.getLogger("transformers").setLevel(logging.ERROR)
     info = C.machine()
     x, y = C.make_data(args.batch_size, 10, args.device, seed=2)
     x_cl = x.contiguous(memory_format=torch.channels_last)
