@@ -23,7 +23,7 @@ import torch
 
 from .utils import atomic_write_json
 
-__all__ = ["METHODS", "DATASETS", "ReproductionSettings", "QUICK", "DEFAULT", "MEDIUM", "run_reproduction",
+__all__ = ["METHODS", "DATASETS", "ReproductionSettings", "QUICK", "DEFAULT", "MEDIUM", "FULL", "SIZES", "run_reproduction",
            "summarize", "markdown_table", "write_report"]
 
 logger = logging.getLogger(__name__)
@@ -36,19 +36,28 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "FAAL_AT": dict(base_loss="pgd", fairness_method="faal"),
     "CFA_TRADES": dict(base_loss="trades", fairness_method="cfa"),
     "WAT_TRADES": dict(base_loss="trades", fairness_method="wat"),
-    "CSR gamma=0.0 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_alpha=0.3, csr_gamma=0.0),
-    "CSR gamma=0.1 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_alpha=0.3, csr_gamma=0.1),
+    # CSR in both variants of METHOD.md: `reference` (the released code: CE scaled by 1 - alpha) and `paper`
+    # (J = L + alpha * Psi); the names without a variant are the reference variant.
+    "CSR gamma=0.0 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="reference", csr_alpha=0.3,
+                                   csr_gamma=0.0),
+    "CSR gamma=0.1 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="reference", csr_alpha=0.3,
+                                   csr_gamma=0.1),
+    "CSR paper gamma=0.0 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="paper",
+                                         csr_alpha=0.3, csr_gamma=0.0),
+    "CSR paper gamma=0.1 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="paper",
+                                         csr_alpha=0.3, csr_gamma=0.1),
 }
 DATASETS = ("fashion_mnist", "fashion_mnist_lt")
 
 
 @dataclass
 class ReproductionSettings:
-    """The budget shared by every method (``--quick`` / default / ``--size medium``).
+    """The budget shared by every method (``--quick``, ``--size medium`` = the default, ``--size full``).
 
     ``quick`` and ``medium`` evaluate with AutoAttack's two APGD components at reduced iterations
-    (``aa_n_iter``; the column is named accordingly, e.g. ``autoattack:apgd-ce+apgd-t[n_iter=10]``);
-    ``default`` runs the standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) at its own budgets."""
+    (``aa_n_iter``; the column is named accordingly, e.g. ``autoattack:apgd-ce+apgd-t[n_iter=25]``), which
+    keeps the default size within a few hours on 2 CPU cores; ``full`` runs the standard AutoAttack (APGD-CE,
+    APGD-T, FAB-T, Square) at its own budgets (10-20 minutes per run on a CPU)."""
 
     name: str
     train_examples: int  # class-balanced subset of the 60k training images (before long-tailing)
@@ -80,11 +89,12 @@ MEDIUM = ReproductionSettings(
     name="medium", train_examples=5000, eval_examples=500, epochs=8, batch_size=64, learning_rate=0.05, width=8,
     num_blocks=(1, 1, 1, 1), attack_steps=5, eval_attacks="autoattack:apgd-ce+apgd-t", aa_n_iter=25, fairness_val_size=200,
 )
-DEFAULT = ReproductionSettings(
-    name="default", train_examples=4000, eval_examples=300, epochs=8, batch_size=64, learning_rate=0.05, width=8,
+FULL = ReproductionSettings(
+    name="full", train_examples=4000, eval_examples=300, epochs=8, batch_size=64, learning_rate=0.05, width=8,
     num_blocks=(1, 1, 1, 1), attack_steps=5, fairness_val_size=200,
 )
-SIZES = {"quick": QUICK, "medium": MEDIUM, "default": DEFAULT}
+SIZES = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
+DEFAULT = MEDIUM  # the recipe's default size
 
 
 def _slug(text: str) -> str:
