@@ -20,12 +20,10 @@ leaves a half-written ``checkpoint-N`` behind.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import os
 import shutil
-import tempfile
 from collections import defaultdict
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -45,7 +43,7 @@ from .data.core import check_labels_in_range
 from . import baselines  # noqa: F401  (registers frl, faal, cfa, wat)
 from .fairness import FAIRNESS_REGISTRY, FairnessMethod
 from .regularizer import BatchStatistics, ConfusionEstimator, csr_penalty
-from .utils import as_logits, check_pixel_values, inputs_prevalidated
+from .utils import as_logits, check_pixel_values, derived_seed, ensure_writable_dir, inputs_prevalidated
 
 __all__ = ["CSRTrainer", "CSR_STATE_NAME", "validate_training_data"]
 
@@ -53,11 +51,6 @@ logger = logging.getLogger(__name__)
 
 CSR_STATE_NAME = "csr_state.pt"
 _STAGING_DIR = ".incomplete"
-
-
-def _derived_seed(*parts: Any) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def validate_training_data(dataset: Optional[Dataset], num_classes: int, name: str, *, require_every_class: bool) -> None:
@@ -93,18 +86,6 @@ def validate_training_data(dataset: Optional[Dataset], num_classes: int, name: s
         sample = torch.as_tensor(dataset[0]["pixel_values"])
         if sample.is_floating_point():
             check_pixel_values(sample[None], name=f"{name} images")
-
-
-def _check_writable(directory: str) -> None:
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise ValueError(
-            f"output_dir {directory!r} is not a writable directory ({error}); checkpoints and the final model go "
-            "there. Pass a directory you can write to."
-        ) from error
 
 
 class _CSRCallback(TrainerCallback):
@@ -182,7 +163,9 @@ class CSRTrainer(Trainer):
             data_collator = RobustImageCollator(augment=False)
         self.num_classes = self._resolve_num_classes(model, num_classes)
         if args.should_save:
-            _check_writable(args.output_dir)  # not after hours of training, at the first checkpoint
+            # not after hours of training, at the first checkpoint
+            ensure_writable_dir(args.output_dir, "output_dir",
+                                " Checkpoints and the final model go there: pass a directory you can write to.")
         validate_training_data(train_dataset, self.num_classes, "train_dataset", require_every_class=True)
         eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         for dataset in eval_sets:
@@ -251,7 +234,7 @@ class CSRTrainer(Trainer):
         """A generator keyed by (seed, purpose, optimizer step): the randomness of a training step does
         not depend on the global RNG, so a resumed run draws exactly what the uninterrupted run drew."""
         generator = torch.Generator(device=device)
-        generator.manual_seed(_derived_seed(self.args.seed, purpose, self.state.global_step))
+        generator.manual_seed(derived_seed(self.args.seed, purpose, self.state.global_step))
         return generator
 
     def _slice_of_step(self, n: int):
@@ -420,7 +403,7 @@ class CSRTrainer(Trainer):
             inputs = collate([dataset[i] for i in indices])
             x, y = inputs["pixel_values"].to(device), inputs["labels"].to(device)
             generator = torch.Generator(device=x.device)
-            generator.manual_seed(_derived_seed(args.seed, "pass", epoch, b))
+            generator.manual_seed(derived_seed(args.seed, "pass", epoch, b))
             with self.accelerator.autocast():
                 x_adv = self._attack(raw, x, y, loss="ce", bn_mode="eval", random_start="uniform", generator=generator)
                 with torch.no_grad(), attack_mode(raw, "eval"), inputs_prevalidated():

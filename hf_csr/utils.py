@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,8 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save",
+    "derived_seed",
+    "ensure_writable_dir",
 ]
 
 _INPUT_CHECKS = contextvars.ContextVar("hf_csr_input_checks", default=True)
@@ -174,3 +177,23 @@ def atomic_write_json(path: Union[str, Path], obj: Any) -> None:
 def atomic_save(obj: Any, path: Union[str, Path]) -> None:
     """``torch.save`` through a temporary file (the result loads with ``weights_only=True``)."""
     _atomic_replace(Path(path), lambda handle: torch.save(obj, handle))
+
+
+def derived_seed(*parts: Any) -> int:
+    """A 63-bit seed determined by ``parts`` alone (e.g. the run's seed, a purpose, a step): generators
+    seeded with it draw the same numbers on every process and after a resume."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def ensure_writable_dir(path: Union[str, Path], name: str, hint: str = "") -> Path:
+    """Create ``path`` if needed and check that a file can be written in it, before any long work;
+    otherwise a ``ValueError`` naming the argument ``name`` (and ``hint``: what goes there)."""
+    directory = Path(path)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as error:
+        raise ValueError(f"{name} {str(directory)!r} is not a writable directory ({error}).{hint}") from error
+    return directory

@@ -10,7 +10,6 @@ identical decisions without any communication.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Tuple
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from ..attacks import attack_mode, pgd_attack
 from ..data import RobustImageCollator
-from ..utils import as_logits, inputs_prevalidated
+from ..utils import as_logits, derived_seed, inputs_prevalidated
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..trainer import CSRTrainer
@@ -29,11 +28,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["ClassStatistics", "class_to_example_weights", "validation_tensors", "class_statistics", "per_class_mean"]
 
 logger = logging.getLogger(__name__)
-
-
-def _seed(*parts) -> int:
-    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
 
 
 def class_to_example_weights(class_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -103,13 +97,13 @@ def class_statistics(
     clean_wrong, adv_wrong, boundary, loss_sum = (torch.zeros(k, dtype=torch.float64) for _ in range(4))
     counts = torch.bincount(labels, minlength=k).double()
     was_training = model.training
+    ratio = float(args.attack_step_size) / float(args.attack_eps)
     for start in range(0, len(labels), batch):
         x = images[start : start + batch].to(device)
         y = labels[start : start + batch].to(device)
         budget = float(args.attack_eps) if eps is None else eps.to(device=device, dtype=x.dtype)[y]
-        ratio = float(args.attack_step_size) / float(args.attack_eps)
         generator = torch.Generator(device=x.device)
-        generator.manual_seed(_seed(args.seed, "fairness-validation", tag, start))
+        generator.manual_seed(derived_seed(args.seed, "fairness-validation", tag, start))
         x_adv = pgd_attack(
             model, x, y, eps=budget, step_size=budget * ratio, steps=args.attack_steps, norm=args.attack_norm,
             loss="ce", random_start="uniform", bn_mode="eval", generator=generator, validate=False,

@@ -6,7 +6,6 @@ import argparse
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -91,17 +90,6 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _writable_dir(path: str) -> Path:
-    directory = Path(path)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as error:
-        raise ValueError(f"--output-dir {directory} is not a writable directory: {error}") from error
-    return directory
-
-
 def _load_model(name_or_dir: str, device):
     from transformers import AutoModelForImageClassification
 
@@ -131,13 +119,11 @@ def _check_eps(text: str, norm: Optional[str]) -> float:
     return eps
 
 
-def _threat_model(model, norm: Optional[str], eps: Optional[str]) -> Tuple[str, float]:
-    from ..utils import parse_pixel_value
-
+def _threat_model(model, norm: Optional[str], eps: Optional[float]) -> Tuple[str, float]:
     config = getattr(getattr(model, "config", None), "threat_model", None) or {}
     norm = norm or config.get("norm", "Linf")
     if eps is not None:
-        return norm, parse_pixel_value(eps, name="--eps")
+        return norm, eps
     if config.get("norm") == norm and "eps" in config:
         return norm, float(config["eps"])
     return norm, 8 / 255 if norm == "Linf" else 0.5
@@ -167,11 +153,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_image_dataset
+    from ..utils import ensure_writable_dir
     from .robustness import evaluate_robustness
     from .specs import parse_attacks
 
     # Everything that can be checked is checked before the (long) evaluation starts.
-    output_dir = _writable_dir(args.output_dir)
+    output_dir = ensure_writable_dir(args.output_dir, "--output-dir")
     if getattr(args, "no_resume", False) and args.resume_dir is not None:
         raise ValueError("--no-resume and --resume-dir exclude each other; pass one of them.")
     for name in ("limit", "train_limit", "batch_size"):
@@ -179,11 +166,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
     attacks = parse_attacks(args.attacks, args.autoattack_version)
-    if args.eps is not None:
-        _check_eps(args.eps, args.norm)
+    eps = None if args.eps is None else _check_eps(args.eps, args.norm)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(args.model, device)
-    norm, eps = _threat_model(model, args.norm, args.eps)
+    norm, eps = _threat_model(model, args.norm, eps)
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     model_names = [id2label[i] for i in sorted(id2label)] or None
