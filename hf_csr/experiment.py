@@ -71,7 +71,17 @@ class ExperimentArguments:
     generated_data_dir: Optional[str] = field(
         default=None, metadata={"help": "Where .npz files are converted to memory-mapped shards (default: <output_dir>/generated)."}
     )
-    real_fraction: float = field(default=0.3, metadata={"help": "Fraction of real images per batch when generated data is used."})
+    real_fraction: float = field(
+        default=0.3,
+        metadata={"help": "Share of real images per global batch when generated data is used: B - int((1 - "
+                          "real_fraction) * B) real images (a fresh shuffle of the real set, slice after slice), the "
+                          "rest generated images drawn uniformly with replacement, as DM-Improves-AT's sampler."},
+    )
+    generated_epoch_batches: Optional[int] = field(
+        default=None,
+        metadata={"help": "Global batches per epoch when generated data is used; default ceil(n_real / B), as "
+                          "DM-Improves-AT (391 for CIFAR-10 at B = 128), whatever the size of the generated set."},
+    )
     final_eval_attacks: str = field(
         default="clean,pgd20,cw20,autoattack",
         metadata={"help": "Attacks of the final evaluation written to results.json and the model card."},
@@ -89,7 +99,7 @@ class ExperimentArguments:
             self.backbone_kwargs = parsed
         if not 0 < self.real_fraction < 1:
             raise ValueError(f"real_fraction must lie in (0, 1); got {self.real_fraction}.")
-        for name in ("train_limit", "eval_limit", "eval_batch_size"):
+        for name in ("train_limit", "eval_limit", "eval_batch_size", "generated_epoch_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None; got {value}.")
@@ -151,7 +161,8 @@ def load_datasets(experiment: ExperimentArguments, training: CSRTrainingArgument
                                     class_names=train.class_names, **common)
     if experiment.generated_data:
         generated = _generated_dataset(experiment, training, train.class_names)
-        train = MixedImageDataset(train, generated, real_fraction=experiment.real_fraction)
+        train = MixedImageDataset(train, generated, real_fraction=experiment.real_fraction,
+                                  batches_per_epoch=experiment.generated_epoch_batches)
     return train, evaluation
 
 

@@ -62,3 +62,36 @@ def test_a_large_gradient_step_is_a_plain_sgd_update(tmp_path):
     clipped, *_ = _trainer_step(tmp_path / "clipped", _scaled_model(), data, max_grad_norm=1.0)
     differences = [(a - b).abs().max().item() for a, b in zip(weights(clipped).values(), reference.state_dict().values())]
     assert max(differences) > 1e-3
+
+
+def _smooth_cross_entropy(logits, y, smoothing):
+    """DM-Improves-AT's label-smoothed cross-entropy: (1 - s) * NLL + s * mean over classes of -log p."""
+    log_p = F.log_softmax(logits, dim=1)
+    nll = -log_p.gather(1, y[:, None]).squeeze(1)
+    return ((1 - smoothing) * nll + smoothing * (-log_p.mean(dim=1))).mean()
+
+
+@pytest.mark.parametrize("base_loss", ["trades", "pgd"])
+def test_label_smoothing_applies_to_the_cross_entropy_term_only(tmp_path, base_loss):
+    """DM-Improves-AT trained its checkpoints with --ls 0.1: TRADES' natural CE is smoothed, its KL is not."""
+    data = fmnist(limit=16)
+    torch.manual_seed(0)
+    model = fmnist_model("test_tiny_convnet")
+    reference = fmnist_model("test_tiny_convnet")
+    reference.load_state_dict(model.state_dict())
+    trainer, x, y, noise = _trainer_step(tmp_path, model, data, base_loss=base_loss, label_smoothing_factor=0.1,
+                                         trades_beta=5.0)
+    loss_name = "kl" if base_loss == "trades" else "ce"
+    x_adv = pgd_attack(reference, x, y, eps=8 / 255, step_size=2 / 255, steps=2, loss=loss_name, noise=noise)
+    reference.train()
+    if base_loss == "trades":
+        nat, adv = reference(x).logits, reference(x_adv).logits
+        kl = F.kl_div(F.log_softmax(adv, 1), F.softmax(nat, 1), reduction="batchmean")
+        loss = _smooth_cross_entropy(nat, y, 0.1) + 5.0 * kl
+    else:
+        loss = _smooth_cross_entropy(reference(x_adv).logits, y, 0.1)
+    loss.backward()
+    with torch.no_grad():
+        for p in reference.parameters():
+            p -= 0.01 * p.grad
+    assert_same_weights(weights(trainer), reference.state_dict(), atol=1e-6)
