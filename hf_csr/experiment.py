@@ -306,6 +306,10 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
     }
     if training.base_loss == "trades":
         summary["trades_beta"] = training.trades_beta
+    if training.label_smoothing_factor:
+        summary["label_smoothing"] = training.label_smoothing_factor
+    if training.max_grad_norm:
+        summary["max_grad_norm"] = training.max_grad_norm  # gradient clipping (off by default, as in the originals)
     if training.fairness_method == "csr":
         summary.update(csr_variant=training.csr_variant, csr_alpha=training.csr_alpha, csr_gamma=training.csr_gamma,
                        csr_confusion_source=training.csr_confusion_source)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_csr.experiment import parse_args
+from hf_csr.experiment import parse_args, training_summary
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "recipes" / "configs").glob("table*.yaml"))
@@ -39,3 +39,5 @@ def test_table2_recipe_fine_tunes_as_dm_improves_at():
     assert training.label_smoothing_factor == 0.1  # DM-Improves-AT: --ls 0.1
     assert experiment.real_fraction == 0.3 and experiment.generated_epoch_batches is None
     assert training.num_train_epochs == 2 and training.per_device_train_batch_size == 128
+    summary = training_summary(training)  # what the model card shows
+    assert summary["label_smoothing"] == 0.1 and "max_grad_norm" not in summary
