@@ -143,6 +143,13 @@ class CSRTrainingArguments(TrainingArguments):
     optim_args: str | None = field(default="momentum=0.9", metadata={"help": "Optimizer arguments (paper: momentum 0.9)."})
     per_device_train_batch_size: int = field(default=128, metadata={"help": "Batch size per device (paper: 128)."})
     per_device_eval_batch_size: int = field(default=256, metadata={"help": "Evaluation batch size per device."})
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata={"help": "Gradient clipping norm; 0 = off (the default). The paper's training is plain SGD: none of the "
+                          "originals (released CSR code, TRADES, AWP, PGD-AT, FRL, FAAL, CFA, WAT) clips gradients, while "
+                          "transformers' own default of 1.0 would clip almost every adversarial-training step (a "
+                          "PreAct-ResNet18's PGD-AT gradient norm is about 4.7 at initialisation). Set it to clip anyway."},
+    )
     lr_scheduler_type: SchedulerType | str = field(default="constant", metadata={"help": "Scheduler when lr_milestones is not set."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Keep pixel_values/labels as given."})
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to (tensorboard, wandb, ...)."})

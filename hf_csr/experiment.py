@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import timm
 import torch
 import yaml
+from accelerate import PartialState
 from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
 
 from .configuration import CSRTrainingArguments
@@ -30,7 +31,8 @@ from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
 from .utils import atomic_write_json
 
-__all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary"]
+__all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary",
+           "check_launch"]
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +73,17 @@ class ExperimentArguments:
     generated_data_dir: Optional[str] = field(
         default=None, metadata={"help": "Where .npz files are converted to memory-mapped shards (default: <output_dir>/generated)."}
     )
-    real_fraction: float = field(default=0.3, metadata={"help": "Fraction of real images per batch when generated data is used."})
+    real_fraction: float = field(
+        default=0.3,
+        metadata={"help": "Share of real images per global batch when generated data is used: B - int((1 - "
+                          "real_fraction) * B) real images (a fresh shuffle of the real set, slice after slice), the "
+                          "rest generated images drawn uniformly with replacement, as DM-Improves-AT's sampler."},
+    )
+    generated_epoch_batches: Optional[int] = field(
+        default=None,
+        metadata={"help": "Global batches per epoch when generated data is used; default ceil(n_real / B), as "
+                          "DM-Improves-AT (391 for CIFAR-10 at B = 128), whatever the size of the generated set."},
+    )
     final_eval_attacks: str = field(
         default="clean,pgd20,cw20,autoattack",
         metadata={"help": "Attacks of the final evaluation written to results.json and the model card."},
@@ -89,7 +101,7 @@ class ExperimentArguments:
             self.backbone_kwargs = parsed
         if not 0 < self.real_fraction < 1:
             raise ValueError(f"real_fraction must lie in (0, 1); got {self.real_fraction}.")
-        for name in ("train_limit", "eval_limit", "eval_batch_size"):
+        for name in ("train_limit", "eval_limit", "eval_batch_size", "generated_epoch_batches"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None; got {value}.")
@@ -151,24 +163,91 @@ def load_datasets(experiment: ExperimentArguments, training: CSRTrainingArgument
                                     class_names=train.class_names, **common)
     if experiment.generated_data:
         generated = _generated_dataset(experiment, training, train.class_names)
-        train = MixedImageDataset(train, generated, real_fraction=experiment.real_fraction)
+        train = MixedImageDataset(train, generated, real_fraction=experiment.real_fraction,
+                                  batches_per_epoch=experiment.generated_epoch_batches)
     return train, evaluation
 
 
 def _generated_dataset(experiment: ExperimentArguments, training: CSRTrainingArguments, class_names: List[str]):
-    from .hub import GeneratedImageDataset, convert_generated_data, download_generated_data
+    """The generated images, prepared once per launch.
+
+    A directory is used as it is (converted ahead with ``hf-csr convert-data``). ``.npz`` files are
+    converted into ``generated_data_dir`` by the main process while the other processes wait, then every
+    process memory-maps the shards; a finished conversion of the same files (recognised by the
+    ``metadata.json`` the converter writes last) is reused, an interrupted one redone. On several nodes,
+    each node's first process then does the same, which finds the conversion on a shared filesystem and
+    converts again on a node-local one."""
+    from .hub.generated_data import GeneratedImageDataset
 
     source = experiment.generated_data
     if os.path.isdir(source):
         return GeneratedImageDataset(source)
-    paths = [Path(p) if os.path.exists(p) else download_generated_data(p) for p in (s.strip() for s in source.split(",")) if p]
+    names = [s.strip() for s in source.split(",") if s.strip()]
     target = Path(experiment.generated_data_dir or os.path.join(training.output_dir, "generated"))
-    if (target / "index.json").exists() or (target / "meta.json").exists():
+    state = PartialState()
+
+    def prepare() -> None:
+        _convert_or_reuse(names, target, class_names)
+
+    _first_then_others(state, state.is_main_process, prepare, "prepare the generated data")
+    _first_then_others(state, state.is_local_main_process and not state.is_main_process, prepare,
+                       "prepare the generated data")
+    return GeneratedImageDataset(target)
+
+
+def _convert_or_reuse(names: List[str], target: Path, class_names: List[str]) -> None:
+    from .hub.generated_data import convert_generated_data, download_generated_data, find_conversion
+
+    paths = [Path(p) if os.path.exists(p) else download_generated_data(p) for p in names]
+    if find_conversion(target, paths, num_classes=len(class_names)) is not None:
+        logger.info("reusing the converted generated data in %s", target)
+        return
+    logger.info("converting %s into %s (the other processes wait)", ", ".join(map(str, paths)), target)
+    convert_generated_data(paths, target, class_names=class_names, overwrite=True)
+
+
+def _first_then_others(state: PartialState, does_work: bool, work, what: str) -> None:
+    """``work()`` on the processes with ``does_work`` while the others wait; a failure stops every process
+    with the error (instead of leaving the others waiting at a barrier)."""
+    error = None
+    if does_work:
         try:
-            return GeneratedImageDataset(target)
-        except (ValueError, FileNotFoundError):
-            logger.warning("re-converting the generated data in %s", target)
-    return convert_generated_data(paths, target, class_names=class_names, overwrite=True)
+            work()
+        except Exception as exception:  # re-raised below, after the others heard of it
+            if state.num_processes == 1:
+                raise
+            error = exception
+    if state.num_processes == 1:
+        return
+    from accelerate.utils import gather_object
+
+    failures = [f for f in gather_object([None if error is None else f"{type(error).__name__}: {error}"]) if f]
+    if error is not None:
+        raise error
+    if failures:
+        raise RuntimeError(f"another process failed to {what}: {failures[0]}")
+
+
+def check_launch(training: Optional[CSRTrainingArguments] = None) -> None:
+    """Stop at start when the launcher started several processes that did not join one process group.
+
+    ``accelerate launch``/``torchrun`` set ``WORLD_SIZE`` for every process they start; if the state built
+    from the training arguments still has one process (e.g. a multi-process CPU launch without
+    ``--use_cpu``, where each process finds no GPU and falls back to a single-process run), every process
+    would train alone on the full data and they would collide on the output directory."""
+    launched = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    if training is not None:
+        training.device  # noqa: B018  (sets up the distributed state as the Trainer would)
+    joined = PartialState().num_processes
+    if launched > 1 and joined == 1:
+        raise ValueError(
+            f"the launcher started {launched} processes (WORLD_SIZE={os.environ.get('WORLD_SIZE')}) but they did not "
+            "form one process group: each would train alone on all the data. On a machine without GPUs add "
+            "--use_cpu to the recipe's arguments, e.g. `accelerate launch --config_file "
+            "recipes/accelerate_configs/cpu_2proc.yaml recipes/finetune_ddpm_wrn.py ... --use_cpu` (or `torchrun "
+            "--nproc_per_node 2 recipes/... --use_cpu`); on GPUs, check that every process sees a GPU "
+            "(CUDA_VISIBLE_DEVICES) and that the accelerate config's num_processes matches them."
+        )
 
 
 def build_model(experiment: ExperimentArguments, training: CSRTrainingArguments, train_dataset) -> RobustImageClassifier:
@@ -227,6 +306,10 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
     }
     if training.base_loss == "trades":
         summary["trades_beta"] = training.trades_beta
+    if training.label_smoothing_factor:
+        summary["label_smoothing"] = training.label_smoothing_factor
+    if training.max_grad_norm:
+        summary["max_grad_norm"] = training.max_grad_norm  # gradient clipping (off by default, as in the originals)
     if training.fairness_method == "csr":
         summary.update(csr_variant=training.csr_variant, csr_alpha=training.csr_alpha, csr_gamma=training.csr_gamma,
                        csr_confusion_source=training.csr_confusion_source)
@@ -241,6 +324,7 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
 # --------------------------------------------------------------------------- the run
 def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict[str, Any]:
     """Train, save, evaluate (results.json, plots, table), write the card, push if asked."""
+    check_launch(training)
     # Seed before the model exists: a from-scratch backbone's initial weights come from the global RNG,
     # and the same seed must give the same run (the Trainer only seeds once the model is built).
     set_seed(training.seed)
@@ -269,6 +353,7 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         experiment, training = parse_args(argv, defaults)
+        check_launch(training)
     except ValueError as error:
         sys.stderr.write(f"error: {error}\n")
         return 2

@@ -333,10 +333,11 @@ class CSRTrainer(Trainer):
         ``weighted``, a fairness method may reweight the examples and change TRADES' beta per example.
         ``reference`` CSR scales the first part by (1 - alpha)."""
         if self.args.base_loss == "pgd":
-            ce = F.cross_entropy(logits_adv.float(), y, reduction="none")
+            ce = F.cross_entropy(logits_adv.float(), y, reduction="none", label_smoothing=self.args.label_smoothing_factor)
             robust = None
         else:
-            ce = F.cross_entropy(logits_nat.float(), y, reduction="none")
+            # label smoothing on the cross-entropy term only, never the KL (as DM-Improves-AT's TRADES loss)
+            ce = F.cross_entropy(logits_nat.float(), y, reduction="none", label_smoothing=self.args.label_smoothing_factor)
             kl = F.kl_div(
                 F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1), reduction="none"
             ).sum(dim=1)
@@ -452,10 +453,14 @@ class CSRTrainer(Trainer):
 
     def _get_train_sampler(self, train_dataset: Optional[Dataset] = None):
         """Datasets that define their own batch composition (``make_sampler``, e.g. 30% real / 70%
-        generated images) get their sampler; everything else the Trainer's default."""
+        generated images) get their sampler, built for the *global* batch of one optimizer step (its
+        index stream is cut into per-device batches and dealt to the processes in order, so the
+        composition holds per global batch whatever the number of processes); everything else the
+        Trainer's default."""
         dataset = self.train_dataset if train_dataset is None else train_dataset
         if hasattr(dataset, "make_sampler"):
-            return dataset.make_sampler(self.args.per_device_train_batch_size, seed=self.args.seed)
+            global_batch = self._train_batch_size * self.args.world_size * self.args.gradient_accumulation_steps
+            return dataset.make_sampler(global_batch, seed=self.args.seed)
         return super()._get_train_sampler(train_dataset)
 
     # ------------------------------------------------------------------ schedule and optimiser

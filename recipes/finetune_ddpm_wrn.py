@@ -10,6 +10,18 @@ CIFAR-10 and 70% generated images::
 
 Defaults: TRADES (beta 5, as the checkpoints were trained) + CSR alpha 0.3, lr 0.01, 2 epochs, attacks
 crafted with BatchNorm in train mode and running statistics frozen (``attack_bn_mode: train``).
+
+Batches and epochs follow DM-Improves-AT's sampler: every global batch of B = 128 holds 39 real images
+(slices of a fresh shuffle of the real set) and 89 generated ones drawn uniformly with replacement, and an
+epoch is ceil(50000 / 128) = 391 batches, so the 2 epochs are 782 optimizer steps whatever the size of the
+generated set (``--generated_epoch_batches`` sets another length).
+
+Label smoothing 0.1 (``label_smoothing_factor``): the paper gives no value for this fine-tune, and
+DM-Improves-AT trained these checkpoints with ``--ls 0.1``, on the cross-entropy term of TRADES only (the
+KL term is not smoothed); hf_csr applies it the same way. ``--label_smoothing_factor 0`` turns it off.
+
+Local files only (no Hub): ``--model file.pt --dataset cifar10_train_test.npz --generated_data 1m.npz``;
+on several nodes convert the npz once ahead with ``hf-csr convert-data`` and pass the folder (README).
 """
 
 import sys
@@ -26,6 +38,7 @@ DEFAULTS = {
     "per_device_train_batch_size": 128,
     "base_loss": "trades",
     "trades_beta": 5.0,
+    "label_smoothing_factor": 0.1,
     "attack_bn_mode": "train",
     "save_strategy": "steps",
     "save_steps": 500,

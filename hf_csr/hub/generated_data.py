@@ -40,6 +40,7 @@ __all__ = [
     "ShardedArray",
     "convert_generated_data",
     "download_generated_data",
+    "find_conversion",
 ]
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,39 @@ def _write_npy_header(handle, dtype: np.dtype, shape: tuple) -> None:
 
 
 # --------------------------------------------------------------------------- conversion
+def find_conversion(
+    output_dir: PathLike, sources: Optional[Sequence[PathLike]] = None, *, num_classes: Optional[int] = None
+) -> Optional["GeneratedImageDataset"]:
+    """The finished conversion in ``output_dir``, or ``None`` when there is none to reuse.
+
+    A conversion is finished when its ``metadata.json`` (written last, atomically) is there and its shards
+    open; with ``sources`` it must have been made from files of the same names and sizes, in the same
+    order, and with ``num_classes`` hold that many classes. An interrupted conversion (no metadata), a
+    damaged one or one of other files gives ``None`` (and a log line saying why): convert again.
+    """
+    output = Path(output_dir)
+    if not (output / _METADATA).is_file():
+        if output.is_dir() and any(output.iterdir()):
+            logger.info("%s holds no finished conversion (no %s): converting again", output, _METADATA)
+        return None
+    try:
+        dataset = GeneratedImageDataset(output)
+        recorded = json.loads((output / _METADATA).read_text(encoding="utf-8")).get("sources", [])
+    except (ValueError, OSError) as error:
+        logger.warning("the conversion in %s cannot be used (%s): converting again", output, error)
+        return None
+    if sources is not None:
+        wanted = [{"name": Path(p).name, "bytes": Path(p).stat().st_size} for p in sources]
+        found = [{"name": r.get("name"), "bytes": r.get("bytes")} for r in recorded]
+        if wanted != found:
+            logger.warning("the conversion in %s was made from %s, not %s: converting again", output, found, wanted)
+            return None
+    if num_classes is not None and dataset.num_classes != num_classes:
+        logger.warning("the conversion in %s has %d classes, not %d: converting again", output, dataset.num_classes, num_classes)
+        return None
+    return dataset
+
+
 def convert_generated_data(
     sources: Union[PathLike, Sequence[PathLike]],
     output_dir: PathLike,
@@ -184,7 +218,8 @@ def convert_generated_data(
     output.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         (output / _METADATA).unlink()  # an interrupted overwrite must not look complete
-    for stale in [*output.glob("images-*.npy"), *output.glob("labels-*.npy")]:
+    # shards and half-written temporary files of an earlier (interrupted) conversion: redone from scratch
+    for stale in [*output.glob("images-*.npy"), *output.glob("labels-*.npy"), *output.glob(".*.npy.tmp")]:
         stale.unlink()
     num_shards = -(-total // shard_size)
     shards = [
