@@ -363,3 +363,51 @@ def test_the_documented_example_registers_and_trains(tmp_path, monkeypatch):
         assert training_summary(small, trainer.fairness)["errorweight_strength"] == 0.5
     finally:
         FAIRNESS_REGISTRY.pop("errorweight", None)
+
+
+class HoldingOut(FairnessMethod):
+    config_class = CountingConfig  # any config will do
+
+    def __init__(self, config, context):
+        super().__init__(config, context)
+        self.validation = context.hold_out_validation(per_class=2)
+        self.statistics = None
+
+    def on_epoch_begin(self, epoch):
+        images, labels = self.context.validation_split(1000)
+        self.statistics = self.context.class_statistics(images, labels, tag=("hold-out", epoch), steps=1)
+
+
+def test_a_held_out_validation_split_leaves_the_training_set(tmp_path):
+    register_fairness_method("holding_out")(HoldingOut)
+    try:
+        dataset = fmnist(limit=60)
+
+        def build(**kwargs):
+            torch.manual_seed(0)
+            args = make_args(tmp_path, fairness_method="holding_out", max_steps=2, save_strategy="no")
+            return CSRTrainer(model=fmnist_model("test_tiny_convnet"), args=args, train_dataset=dataset, **kwargs)
+
+        trainer = build()
+        images, labels = trainer.fairness.validation
+        assert torch.bincount(labels, minlength=10).tolist() == [2] * 10
+        train_images, train_labels = trainer.train_dataset.tensors()
+        assert len(train_labels) == 40 and torch.bincount(train_labels, minlength=10).tolist() == [4] * 10
+        # held-out images are the dataset's own, and none of them is trained on
+        all_images = dataset.tensors()[0].flatten(1)
+        assert all(any(torch.equal(img, row) for row in all_images) for img in images.flatten(1))
+        assert not any(any(torch.equal(img, row) for row in train_images.flatten(1)) for img in images.flatten(1))
+        assert torch.equal(build().fairness.validation[0], images)  # the same draw every time (seeded)
+        trainer.train()
+        stats = trainer.fairness.statistics
+        assert stats.counts.tolist() == [2.0] * 10 and torch.all((stats.robust_error >= 0) & (stats.robust_error <= 1))
+        # a user-given split is used as is, and the training set stays whole
+        given = fmnist("test", limit=20)
+        kept = build(fairness_validation_dataset=given)
+        assert len(kept.train_dataset) == 60 and torch.equal(kept.fairness.validation[1], given.tensors()[1])
+        with pytest.raises(ValueError, match="leaves no training images of class"):
+            register_fairness_method("holding_out", overwrite=True)(
+                type("Greedy", (HoldingOut,), {"__init__": lambda self, c, ctx: ctx.hold_out_validation(per_class=6)}))
+            build()
+    finally:
+        FAIRNESS_REGISTRY.pop("holding_out", None)
