@@ -40,7 +40,7 @@ from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
 from .configuration import CSRTrainingArguments
 from .data import RobustImageCollator, augment_batch
 from .data.core import check_labels_in_range
-from . import baselines  # noqa: F401  (registers frl, faal, cfa, wat)
+from . import fairness  # noqa: F401  (registers frl, faal, cfa, wat)
 from .fairness import FAIRNESS_REGISTRY, FairnessMethod
 from .regularizer import BatchStatistics, ConfusionEstimator, csr_penalty
 from .utils import as_logits, check_pixel_values, derived_seed, ensure_writable_dir, inputs_prevalidated

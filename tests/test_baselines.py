@@ -1,4 +1,4 @@
-"""Fairness baselines (hf_csr.baselines): zero strength = the base method, FAAL's closed form, FRL's
+"""Fairness baselines (hf_csr.fairness): zero strength = the base method, FAAL's closed form, FRL's
 multipliers, CFA's budgets, training end to end with each method."""
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from hf_csr import CSRTrainer, CSRTrainingArguments
-from hf_csr.baselines import calibrated_budgets, frl_multiplier_update, hedge_weights, kl_ball_worst_case
-from hf_csr.baselines.common import ClassStatistics
+from hf_csr.fairness import calibrated_budgets, frl_multiplier_update, hedge_weights, kl_ball_worst_case
+from hf_csr.fairness.common import ClassStatistics
 from hf_csr.fairness import FAIRNESS_REGISTRY
 
 from .helpers import fmnist, fmnist_model

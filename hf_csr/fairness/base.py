@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Type
 import torch
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .trainer import CSRTrainer
+    from ..trainer import CSRTrainer
 
 __all__ = ["FairnessMethod", "FAIRNESS_REGISTRY", "register_fairness_method"]
 

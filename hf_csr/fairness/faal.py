@@ -26,7 +26,7 @@ from typing import Dict, Optional
 
 import torch
 
-from ..fairness import FairnessMethod, register_fairness_method
+from .base import FairnessMethod, register_fairness_method
 from .common import per_class_mean
 
 __all__ = ["FAAL", "kl_ball_worst_case"]

@@ -18,7 +18,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from ..fairness import FairnessMethod, register_fairness_method
+from .base import FairnessMethod, register_fairness_method
 from .common import class_statistics, class_to_example_weights, validation_tensors
 
 __all__ = ["WAT", "hedge_weights"]
