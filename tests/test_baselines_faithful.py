@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_csr.baselines import rules
+from hf_csr.fairness import rules
 
 K = 10
 

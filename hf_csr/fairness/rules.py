@@ -1,4 +1,4 @@
-"""The update rules of the four fairness baselines, as pure functions (tensors in, tensors out).
+"""The update rules of the four fairness baselines (hf_csr.fairness.frl / faal / cfa / wat), as pure functions (tensors in, tensors out).
 
 Each function ports one step of an original's released code; the method classes only gather the
 statistics (all-reduced across processes), call these and hand the results to the trainer. The
