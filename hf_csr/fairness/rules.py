@@ -233,17 +233,15 @@ def cfa_fawa_update(average: Optional[Dict[str, torch.Tensor]], current: Dict[st
 
 
 # ====================================================================================== WAT
-def wat_validation_costs(ce_nat: torch.Tensor, kl: torch.Tensor, labels: torch.Tensor, num_classes: int, beta: float,
-                         num_images: Optional[float] = None) -> torch.Tensor:
+def wat_validation_costs(class_sums: torch.Tensor, num_images: float) -> torch.Tensor:
     """One validation pass's K + 1 costs (``validate`` in ``worst_class_adversarial_train.py``): with
-    ``S_c`` the sum of the TRADES losses ``CE(f(x), y) + beta * KL(f(x) || f(x'))`` of class ``c``
-    and ``M`` the number of images, ``cost_c = K * S_c / M`` and ``cost_K = sum_c S_c / M`` (the
-    average). ``ce_nat`` / ``kl`` may also be class sums already (then pass ``labels = arange(K)``
-    and ``num_images``). Float64, shape (K + 1,)."""
-    losses = ce_nat.double() + beta * kl.double()
-    sums = torch.zeros(num_classes, dtype=torch.float64, device=losses.device).index_add_(0, labels, losses)
-    m = float(labels.numel() if num_images is None else num_images)
-    return torch.cat([num_classes * sums / m, (sums.sum() / m).reshape(1)])
+    ``S_c`` the summed TRADES loss ``CE(f(x), y) + beta * KL(f(x) || f(x'))`` of class ``c``'s validation
+    images and ``M`` the number of images, ``cost_c = K * S_c / M`` and ``cost_K = sum_c S_c / M`` (the
+    average). Float64, shape (K + 1,)."""
+    sums = class_sums.double()
+    k = sums.numel()
+    m = float(num_images)
+    return torch.cat([k * sums / m, (sums.sum() / m).reshape(1)])
 
 
 def wat_class_weights(cumulative_costs: Optional[torch.Tensor], eta: float, num_classes: int) -> torch.Tensor:
