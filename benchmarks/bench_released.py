@@ -113,7 +113,7 @@ def main() -> None:
     inputs = {"pixel_values": x, "labels": y}
     ema = make_trainer(args, "trades", k, "csr", "ema", augment=False)
     epoch = make_trainer(args, "trades", k, "csr", "epoch", pass_images=pass_images, augment=False)
-    epoch.run_confusion_pass(0)
+    epoch.fairness.run_confusion_pass(0)
     released = ReleasedPattern(C.make_model(k, args.width, args.device, args.channels_last), k)
     pass_x, pass_y = C.make_data(pass_images, k, args.device, seed=1)
     pass_batches = list(zip(pass_x.split(b), pass_y.split(b)))
@@ -123,7 +123,7 @@ def main() -> None:
         "released_pass": lambda: released.epoch_pass(pass_batches),
         "hf_ema_step": make_step(ema, inputs),
         "hf_epoch_step": make_step(epoch, inputs),
-        "hf_epoch_pass": lambda: epoch.run_confusion_pass(1),
+        "hf_epoch_pass": lambda: epoch.fairness.run_confusion_pass(1),
     }
     times = C.interleaved(fns, warmup=args.warmup, repeats=args.repeats, device=args.device)
     # seconds per training image of one epoch

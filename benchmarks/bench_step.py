@@ -32,7 +32,8 @@ def make_trainer(args, base_loss: str, num_classes: int, method: str, source: st
                  augment: bool = True):
     model = C.make_model(num_classes, args.width, args.device, args.channels_last)
     training = CSRTrainingArguments(
-        output_dir=C.temp_dir(), base_loss=base_loss, fairness_method=method, csr_confusion_source=source,
+        output_dir=C.temp_dir(), base_loss=base_loss, fairness_method=method,
+        **({"csr_confusion_source": source} if method == "csr" else {}),
         per_device_train_batch_size=args.batch_size, per_device_eval_batch_size=args.batch_size,
         use_cpu=args.device.type == "cpu", bf16=args.bf16, report_to="none", disable_tqdm=True,
         save_strategy="no", logging_strategy="no", learning_rate=0.01, seed=0, augment=augment,
@@ -68,8 +69,9 @@ def csr_overhead(trainer, batch_size: int, num_classes: int, device, repeats: in
     labels = torch.arange(batch_size, device=device) % num_classes
 
     def work():
-        stats = trainer.confusion.update(logits.detach(), labels, validate=False)
-        psi = csr_penalty(logits, labels, trainer.confusion.weights(), variant=args.csr_variant, gamma=args.csr_gamma,
+        csr = trainer.fairness
+        stats = csr.confusion.update(logits.detach(), labels, validate=False)
+        psi = csr_penalty(logits, labels, csr.confusion.weights(), variant=csr.config.variant, gamma=csr.config.gamma,
                           class_counts=stats.class_counts, num_examples=stats.num_examples, validate=False)
         psi.backward()
 
@@ -105,9 +107,9 @@ def main() -> None:
                 print(rows[-1], flush=True)
                 continue
             epoch_trainer = trainers["epoch"]
-            epoch_trainer.run_confusion_pass(0)  # a real (non-zero) C for the epoch-source steps
+            epoch_trainer.fairness.run_confusion_pass(0)  # a real (non-zero) C for the epoch-source steps
             fns = {name: make_step(t, inputs) for name, t in trainers.items()}
-            fns["epoch_pass"] = lambda: epoch_trainer.run_confusion_pass(1)
+            fns["epoch_pass"] = lambda: epoch_trainer.fairness.run_confusion_pass(1)
             times = C.interleaved(fns, warmup=args.warmup, repeats=args.repeats, device=args.device)
             pass_size = len(epoch_trainer.train_dataset)  # max(2 x batch, K) images
             per_image_pass = [t / pass_size for t in times["epoch_pass"]]

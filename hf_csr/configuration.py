@@ -1,16 +1,26 @@
-"""``CSRTrainingArguments``: the Trainer's arguments plus adversarial training, CSR and AWP settings.
+"""``CSRTrainingArguments``: the Trainer's arguments plus adversarial training, AWP and the choice of
+fairness method.
 
 Every field has a ``help`` (shown by ``HfArgumentParser``) and enums list their ``choices``;
 ``__post_init__`` validates everything with errors that name the argument and the allowed values,
 then hands over to ``TrainingArguments.__post_init__``. Budgets accept pixel units: ``8/255`` on the
 command line or in YAML.
+
+A fairness method's own settings (CSR's ``alpha``, FRL's ``tau_clean`` ...) are not fields here: they
+are the method's config dataclass (:mod:`hf_csr.fairness`), held in ``fairness_config``. For
+convenience the constructor also takes them as keywords under their flag names, exactly as on the
+command line -- ``CSRTrainingArguments(..., csr_alpha=0.3, csr_gamma=0.1)`` is
+``CSRTrainingArguments(..., fairness_config=CSRConfig(alpha=0.3, gamma=0.1))``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import math
-from dataclasses import dataclass, field
-from typing import List, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Dict, List, Optional, Union
 
 from transformers import TrainingArguments
 from transformers.trainer_utils import SchedulerType
@@ -18,13 +28,11 @@ from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
 from .evaluation.specs import parse_attacks
-from .regularizer import CONFUSION_SOURCES, VARIANTS
 from .utils import parse_pixel_value
 
-__all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "FAIRNESS_METHODS"]
+__all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "resolve_fairness_config"]
 
 BASE_LOSSES = ("pgd", "trades")
-FAIRNESS_METHODS = ("none", "csr", "frl", "faal", "cfa", "wat")
 
 
 class PixelValue(float):
@@ -49,51 +57,18 @@ class CSRTrainingArguments(TrainingArguments):
     # ------------------------------------------------------------------ objective
     base_loss: str = _choice("pgd", BASE_LOSSES, "Base adversarial-training objective: PGD-AT (Madry et al.) or TRADES.")
     trades_beta: float = field(default=6.0, metadata={"help": "TRADES trade-off beta (weight of the KL term)."})
-    fairness_method: str = _choice(
-        "csr", FAIRNESS_METHODS,
-        "Fairness method on top of the base loss ('none' = plain PGD-AT / TRADES; frl, faal, cfa, wat = the baselines "
-        "of hf_csr.baselines, see their docstrings).",
+    fairness_method: str = field(
+        default="csr",
+        metadata={"help": "Fairness method on top of the base loss, by its registered name: 'none' (plain PGD-AT / "
+                          "TRADES), 'csr', or the baselines 'frl', 'faal', 'cfa', 'wat' (hf_csr.fairness); a method "
+                          "registered with hf_csr.fairness.register_fairness_method is accepted too. Its settings are "
+                          "its own flags (--csr_alpha, --frl_tau_clean, ...)."},
     )
-    csr_alpha: float = field(default=0.3, metadata={"help": "Weight alpha of the CSR penalty Psi (0 = the base method)."})
-    csr_gamma: float = field(
-        default=0.0,
-        metadata={"help": "Margin gamma of the confusion estimate (paper: additive logit margin >= 0; "
-                          "reference: true-logit shrink factor in [0, 1)). The paper uses 0.0 and 0.1."},
+    fairness_config: Optional[Union[dict, str]] = field(
+        default=None,
+        metadata={"help": "The fairness method's settings: its config dataclass (Python), a dict or a JSON string of its "
+                          "fields (or flags); None = its defaults. On the command line, prefer the method's own flags."},
     )
-    csr_variant: str = _choice(
-        "reference", VARIANTS,
-        "'reference' follows the authors' released code (raw counts, min-max scaled weights, (1 - alpha) on the CE "
-        "term); 'paper' follows eq. 10-12.",
-    )
-    csr_confusion_source: str = _choice(
-        "ema", CONFUSION_SOURCES,
-        "Where C comes from: 'ema' of every step's counts (no extra cost), 'batch' (this step only) or 'epoch' "
-        "(a full PGD pass over the training set before each epoch, as the released code).",
-    )
-    csr_ema_momentum: float = field(default=0.99, metadata={"help": "EMA decay mu of the 'ema' confusion source, in [0, 1)."})
-    # ------------------------------------------------------------------ fairness baselines (hf_csr.baselines)
-    fairness_val_size: int = field(
-        default=1000,
-        metadata={"help": "FRL / WAT / CFA-FAWA: size of the class-balanced validation split drawn from the training set "
-                          "when trainer.fairness_validation_dataset is not set (set here)."},
-    )
-    frl_tau_clean: float = field(default=0.05, metadata={"help": "FRL tau1: allowed excess clean error per class (paper: 0.05 or 0.07)."})
-    frl_tau_boundary: float = field(default=0.05, metadata={"help": "FRL tau2: allowed excess boundary error per class (paper: 0.05 or 0.07)."})
-    frl_rw_rate: float = field(default=0.05, metadata={"help": "FRL reweight multipliers' step size per epoch (0 disables reweighting; set here)."})
-    frl_rm_rate: float = field(default=0.05, metadata={"help": "FRL remargin multipliers' step size per epoch (0 disables remargin; set here)."})
-    frl_max_eps_factor: float = field(default=2.0, metadata={"help": "FRL: cap of the remargined budget as a multiple of attack_eps (>= 1; set here)."})
-    faal_rho: float = field(default=0.1, metadata={"help": "FAAL: radius of the KL ball around uniform class weights (0 = base method; set here)."})
-    faal_search_steps: int = field(default=50, metadata={"help": "FAAL: bisection steps of the 1-D search on the dual variable."})
-    cfa_ccm: bool = field(default=True, metadata={"help": "CFA: class-wise calibrated margins (eps_c = (cfa_eps_lambda + t_c) * eps)."})
-    cfa_ccr: bool = field(default=True, metadata={"help": "CFA: class-wise calibrated TRADES beta (beta_c = (cfa_beta_lambda + t_c) * beta)."})
-    cfa_fawa: bool = field(default=True, metadata={"help": "CFA: fairness-aware weight averaging, swapped in at the end of training."})
-    cfa_eps_lambda: float = field(default=0.5, metadata={"help": "CFA: base factor of the class-wise budget (set here)."})
-    cfa_beta_lambda: float = field(default=0.5, metadata={"help": "CFA: base factor of the class-wise TRADES beta (set here)."})
-    cfa_eps_max_factor: Optional[float] = field(default=None, metadata={"help": "CFA: optional cap of eps_c / eps (None: lambda + 1)."})
-    cfa_fawa_decay: float = field(default=0.85, metadata={"help": "CFA: decay of the weight average, in [0, 1) (set here)."})
-    cfa_fawa_threshold: float = field(default=0.2, metadata={"help": "CFA: minimal worst-class validation robust accuracy for an epoch to enter the average (set here)."})
-    cfa_fawa_start: int = field(default=0, metadata={"help": "CFA: first epoch (from 0) that may enter the weight average."})
-    wat_eta: float = field(default=0.1, metadata={"help": "WAT: Hedge learning rate on the cumulative class-wise validation loss (0 = base method; set here)."})
     # ------------------------------------------------------------------ training attack
     attack_norm: str = _choice("Linf", NORMS, "Threat model of the training (and evaluation) attack.")
     attack_eps: PixelValue = field(
@@ -159,9 +134,8 @@ class CSRTrainingArguments(TrainingArguments):
                 raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}.")
 
         choice("base_loss", BASE_LOSSES)
-        choice("fairness_method", FAIRNESS_METHODS)
-        choice("csr_variant", VARIANTS)
-        choice("csr_confusion_source", CONFUSION_SOURCES)
+        self.fairness_config = resolve_fairness_config(
+            self.fairness_method, self.fairness_config, self.__dict__.pop("_method_settings", None) or {})
         choice("attack_norm", NORMS)
         choice("attack_bn_mode", BN_MODES)
         if self.attack_random_start is not None:
@@ -183,26 +157,12 @@ class CSRTrainingArguments(TrainingArguments):
             )
         if not isinstance(self.attack_steps, int) or self.attack_steps < 1:
             raise ValueError(f"attack_steps must be a positive integer; got {self.attack_steps!r}.")
-        if not math.isfinite(self.csr_alpha) or self.csr_alpha < 0:
-            raise ValueError(f"csr_alpha must be >= 0; got {self.csr_alpha}.")
-        if self.csr_variant == "reference" and self.csr_alpha > 1:
-            raise ValueError(
-                f"csr_alpha must lie in [0, 1] for csr_variant='reference', which scales the CE term by (1 - alpha); "
-                f"got {self.csr_alpha}."
-            )
-        if not math.isfinite(self.csr_gamma) or self.csr_gamma < 0:
-            raise ValueError(f"csr_gamma must be >= 0; got {self.csr_gamma}.")
-        if self.csr_variant == "reference" and self.csr_gamma >= 1:
-            raise ValueError(f"csr_gamma must lie in [0, 1) for csr_variant='reference'; got {self.csr_gamma}.")
-        if not 0 <= self.csr_ema_momentum < 1:
-            raise ValueError(f"csr_ema_momentum must lie in [0, 1); got {self.csr_ema_momentum}.")
         if not math.isfinite(self.trades_beta) or self.trades_beta < 0:
             raise ValueError(f"trades_beta must be >= 0; got {self.trades_beta}.")
         if not math.isfinite(self.awp_gamma) or self.awp_gamma < 0:
             raise ValueError(f"awp_gamma must be >= 0 (0 disables AWP); got {self.awp_gamma}.")
         if self.awp_warmup < 0:
             raise ValueError(f"awp_warmup must be >= 0; got {self.awp_warmup}.")
-        self._validate_baseline_fields()
         if not self.eval_attack_list:
             raise ValueError(f"eval_attacks must name at least one attack (e.g. 'clean,pgd20'); got {self.eval_attacks!r}.")
         parse_attacks(self.eval_attacks)  # names the unknown attack and the allowed forms
@@ -213,34 +173,6 @@ class CSRTrainingArguments(TrainingArguments):
         self.milestone_epochs()  # validates lr_milestones
         if not 0 < self.lr_decay_factor <= 1:
             raise ValueError(f"lr_decay_factor must lie in (0, 1]; got {self.lr_decay_factor}.")
-
-    def _validate_baseline_fields(self) -> None:
-        def nonnegative(name):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a finite number >= 0; got {value!r}.")
-
-        for name in ("frl_tau_clean", "frl_tau_boundary", "frl_rw_rate", "frl_rm_rate", "faal_rho", "cfa_eps_lambda",
-                     "cfa_beta_lambda", "wat_eta"):
-            nonnegative(name)
-        if not isinstance(self.fairness_val_size, int) or self.fairness_val_size < 1:
-            raise ValueError(f"fairness_val_size must be a positive integer; got {self.fairness_val_size!r}.")
-        if not math.isfinite(self.frl_max_eps_factor) or self.frl_max_eps_factor < 1:
-            raise ValueError(f"frl_max_eps_factor must be >= 1; got {self.frl_max_eps_factor}.")
-        if not isinstance(self.faal_search_steps, int) or self.faal_search_steps < 1:
-            raise ValueError(f"faal_search_steps must be a positive integer; got {self.faal_search_steps!r}.")
-        if self.cfa_eps_max_factor is not None and not (math.isfinite(self.cfa_eps_max_factor) and self.cfa_eps_max_factor > 0):
-            raise ValueError(f"cfa_eps_max_factor must be > 0 or None; got {self.cfa_eps_max_factor}.")
-        if not 0 <= self.cfa_fawa_decay < 1:
-            raise ValueError(f"cfa_fawa_decay must lie in [0, 1); got {self.cfa_fawa_decay}.")
-        if not 0 <= self.cfa_fawa_threshold <= 1:
-            raise ValueError(f"cfa_fawa_threshold must lie in [0, 1]; got {self.cfa_fawa_threshold}.")
-        if not isinstance(self.cfa_fawa_start, int) or self.cfa_fawa_start < 0:
-            raise ValueError(f"cfa_fawa_start must be an integer >= 0; got {self.cfa_fawa_start!r}.")
-        if self.fairness_method == "cfa" and self.attack_norm == "Linf":
-            top = (self.cfa_eps_lambda + 1) if self.cfa_eps_max_factor is None else min(self.cfa_eps_lambda + 1, self.cfa_eps_max_factor)
-            if self.cfa_ccm and top * self.attack_eps > 1:
-                raise ValueError(f"CFA's largest class budget ({top:g} * attack_eps) exceeds 1 for Linf; lower cfa_eps_lambda or set cfa_eps_max_factor.")
 
     @property
     def eval_attack_list(self) -> List[str]:
@@ -263,6 +195,83 @@ class CSRTrainingArguments(TrainingArguments):
             return self.attack_random_start
         return "gaussian" if self.base_loss == "trades" else "uniform"
 
-    @property
-    def csr_enabled(self) -> bool:
-        return self.fairness_method == "csr" and self.csr_alpha > 0
+    def to_dict(self) -> Dict[str, Any]:
+        """``TrainingArguments.to_dict`` with the fairness config as a plain dict (JSON-serialisable)."""
+        d = super().to_dict()
+        config = d.get("fairness_config")
+        if config is not None and not isinstance(config, (dict, str)):
+            d["fairness_config"] = config.to_dict()
+        return d
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(CSRTrainingArguments))
+_dataclass_init = CSRTrainingArguments.__init__
+
+
+@functools.wraps(_dataclass_init)
+def _init_with_method_settings(self, *args, **kwargs):
+    """The dataclass ``__init__``, also taking the fairness methods' settings by flag name (``csr_alpha=0.3``),
+    which ``__post_init__`` routes into ``fairness_config``."""
+    settings = {key: kwargs.pop(key) for key in list(kwargs) if key not in _FIELD_NAMES}
+    self.__dict__["_method_settings"] = settings
+    _dataclass_init(self, *args, **kwargs)
+
+
+CSRTrainingArguments.__init__ = _init_with_method_settings
+
+
+def resolve_fairness_config(method: str, config: Any, settings: Dict[str, Any]):
+    """The config dataclass instance of fairness method ``method``.
+
+    ``config``: None (defaults), an instance of the method's config class, a dict or a JSON string of
+    its fields (by field or flag name). ``settings``: flag-named values (``csr_alpha``) that override it.
+    A setting of another registered method, or an unknown name, is an error that names it."""
+    from .fairness.base import FairnessConfig
+    from .fairness.registry import all_method_flags, config_flags, get_fairness_method
+
+    if not isinstance(method, str):
+        raise ValueError(f"fairness_method must be a method name (str); got {method!r}.")
+    method_class = get_fairness_method(method)
+    config_class = method_class.config_class
+    flags = config_flags(method_class)  # field -> flag
+    by_flag = {flag: name for name, flag in flags.items()}
+
+    def to_fields(values: Dict[str, Any], where: str) -> Dict[str, Any]:
+        out: Dict[str, Any] = {}
+        for key, value in values.items():
+            if key in by_flag:
+                out[by_flag[key]] = value
+            elif key in flags:
+                out[key] = value
+            else:
+                owners = sorted({m for m, _, _ in all_method_flags().get(key, [])})
+                if owners:
+                    raise ValueError(
+                        f"{key} is a setting of fairness_method {' / '.join(map(repr, owners))}, but fairness_method is "
+                        f"{method!r}; drop it or set fairness_method to that method."
+                    )
+                known = sorted(by_flag) or ["(none)"]
+                raise TypeError(
+                    f"{where} got an unexpected setting {key!r}; fairness_method {method!r} takes {known} and "
+                    "CSRTrainingArguments its own fields."
+                )
+        return out
+
+    overrides = to_fields(settings, "CSRTrainingArguments")
+    if isinstance(config, FairnessConfig):
+        if not isinstance(config, config_class):
+            raise ValueError(
+                f"fairness_config is a {type(config).__name__} but fairness_method {method!r} takes a {config_class.__name__}."
+            )
+        return dataclasses.replace(config, **overrides) if overrides else config
+    if isinstance(config, str):
+        try:
+            config = json.loads(config)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"fairness_config must be a JSON object of {method!r}'s settings; got {config!r} ({error}).") from None
+    if config is None:
+        config = {}
+    if not isinstance(config, dict):
+        raise ValueError(f"fairness_config must be a {config_class.__name__}, a dict or a JSON object; got {type(config).__name__}.")
+    values = {**to_fields(config, "fairness_config"), **overrides}
+    return config_class(**values)

@@ -15,7 +15,8 @@ import logging
 import math
 import os
 import sys
-from dataclasses import asdict, dataclass, field, fields
+import typing
+from dataclasses import MISSING, asdict, dataclass, field, fields, make_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -96,6 +97,30 @@ class ExperimentArguments:
 
 
 # --------------------------------------------------------------------------- arguments
+def fairness_flags_dataclass():
+    """A dataclass with one field per fairness-method flag of every registered method (built-ins included),
+    for ``HfArgumentParser``: ``--csr_alpha``, ``--frl_tau_clean``, ``--fairness_val_size`` ...
+
+    A flag's default is its method's default (None when methods sharing it disagree: then the method's
+    own default applies); its help names the method(s) it belongs to."""
+    from .fairness.registry import all_method_flags, get_fairness_method
+
+    specs = []
+    for flag, owners in sorted(all_method_flags().items()):
+        method_name, field_name, first = owners[0]
+        defaults = {repr(o[2].default) for o in owners}
+        shared_default = first.default if len(defaults) == 1 and first.default is not MISSING else None
+        # config modules may use `from __future__ import annotations`: resolve the type
+        annotation = typing.get_type_hints(get_fairness_method(method_name).config_class)[field_name]
+        if shared_default is None and type(None) not in typing.get_args(annotation):
+            annotation = Optional[annotation]
+        methods = ", ".join(sorted({o[0] for o in owners}))
+        metadata = {k: v for k, v in first.metadata.items() if k in ("help", "choices")}
+        metadata["help"] = f"[fairness_method {methods}] {metadata.get('help', '')}".strip()
+        specs.append((flag, annotation, field(default=shared_default, metadata=metadata)))
+    return make_dataclass("FairnessMethodFlags", specs)
+
+
 def parse_args(
     argv: Optional[Sequence[str]] = None, defaults: Optional[Mapping[str, Any]] = None
 ) -> Tuple[ExperimentArguments, CSRTrainingArguments]:
@@ -108,20 +133,44 @@ def parse_args(
     values: Dict[str, Any] = dict(defaults or {})
     if known.config:
         values.update(_read_config(known.config))
-    parser = HfArgumentParser((ExperimentArguments, CSRTrainingArguments))
-    valid = {f.name for dc in (ExperimentArguments, CSRTrainingArguments) for f in fields(dc) if f.init}
+    flags_class = fairness_flags_dataclass()
+    parser = HfArgumentParser((ExperimentArguments, CSRTrainingArguments, flags_class))
+    groups = [[f.name for f in fields(dc) if f.init] for dc in (ExperimentArguments, CSRTrainingArguments, flags_class)]
+    valid = {name for group in groups for name in group}
     unknown = sorted(set(values) - valid)
     if unknown:
         raise ValueError(
             f"unknown setting(s) {unknown} in {known.config or 'the recipe defaults'}; valid names are the fields of "
-            "ExperimentArguments and CSRTrainingArguments (see --help)."
+            "ExperimentArguments and CSRTrainingArguments and the fairness methods' flags (see --help)."
         )
     parser.add_argument("--config", help="YAML file of settings (overridden by command-line flags).")
     parser.set_defaults(**values)
     if "output_dir" not in values and "--output_dir" not in rest and "--output-dir" not in rest:
         parser.set_defaults(output_dir="outputs/run")
-    outputs = parser.parse_args_into_dataclasses(rest)  # (experiment, training, namespace with `config`)
-    return outputs[0], outputs[1]
+    namespace = vars(parser.parse_args(rest))
+    experiment = ExperimentArguments(**{name: namespace[name] for name in groups[0]})
+    training_values = {name: namespace[name] for name in groups[1]}
+    training_values.update(_method_settings(training_values["fairness_method"], namespace, flags_class))
+    return experiment, CSRTrainingArguments(**training_values)
+
+
+def _method_settings(method: str, namespace: Dict[str, Any], flags_class) -> Dict[str, Any]:
+    """The flag values that go to ``CSRTrainingArguments``: the chosen method's (those set), and any other
+    method's flag that was set away from its default (so that the arguments name the mistake)."""
+    from .fairness.registry import config_flags, get_fairness_method
+
+    try:
+        mine = set(config_flags(get_fairness_method(method)).values())
+    except ValueError:
+        mine = set()  # CSRTrainingArguments names the unknown method
+    settings = {}
+    for f in fields(flags_class):
+        value = namespace[f.name]
+        if value is None:
+            continue
+        if f.name in mine or value != f.default:
+            settings[f.name] = value
+    return settings
 
 
 def _read_config(path: str) -> Dict[str, Any]:
@@ -210,8 +259,9 @@ def _image_geometry(dataset) -> Tuple[int, int]:
     return int(channels), int(height)
 
 
-def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
-    """The training set-up as the model card shows it."""
+def training_summary(training: CSRTrainingArguments, method=None) -> Dict[str, Any]:
+    """The training set-up as the model card shows it; the fairness method's part is its ``card_fields()``
+    (``method``: the trainer's method instance; without it, the config's fields under their flags)."""
     summary = {
         "base_loss": training.base_loss,
         "fairness_method": training.fairness_method,
@@ -227,14 +277,13 @@ def training_summary(training: CSRTrainingArguments) -> Dict[str, Any]:
     }
     if training.base_loss == "trades":
         summary["trades_beta"] = training.trades_beta
-    if training.fairness_method == "csr":
-        summary.update(csr_variant=training.csr_variant, csr_alpha=training.csr_alpha, csr_gamma=training.csr_gamma,
-                       csr_confusion_source=training.csr_confusion_source)
-    elif training.fairness_method in ("frl", "faal", "cfa", "wat"):
-        prefix = f"{training.fairness_method}_"
-        summary.update({f.name: getattr(training, f.name) for f in fields(training) if f.name.startswith(prefix)})
-        if training.fairness_method != "faal":
-            summary["fairness_val_size"] = training.fairness_val_size
+    if method is not None:
+        summary.update(method.card_fields())
+    else:
+        from .fairness.registry import config_flags, get_fairness_method
+
+        flags = config_flags(get_fairness_method(training.fairness_method))
+        summary.update({flag: getattr(training.fairness_config, name) for name, flag in flags.items()})
     return summary
 
 
@@ -256,13 +305,14 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
         logger.info("resuming from %s", resume or "the start (no complete checkpoint yet)")
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model()
+    summary = training_summary(training, trainer.fairness)
     results = trainer.evaluate_and_report(
         eval_dataset, attacks=experiment.final_eval_attacks, batch_size=experiment.eval_batch_size,
-        training=training_summary(training), dataset_name=experiment.dataset,
+        training=summary, dataset_name=experiment.dataset,
     )
     if training.push_to_hub and trainer.is_world_process_zero():
         trainer.push_to_hub()
-    return results
+    return {**results, "training_summary": summary}
 
 
 def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None) -> int:
@@ -274,7 +324,7 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
         return 2
     results = run(experiment, training)
     atomic_write_json(os.path.join(training.output_dir, "run_summary.json"),
-                      {"experiment": asdict(experiment), "training": training_summary(training),
+                      {"experiment": asdict(experiment), "training": results.get("training_summary") or training_summary(training),
                        "results_file": os.path.join(training.output_dir, "results.json"),
                        "accuracy": {k: v.get("accuracy") for k, v in results.get("attacks", {}).items()}})
     return 0

@@ -97,6 +97,19 @@ SIZES = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
 DEFAULT = MEDIUM  # the recipe's default size
 
 
+def _method_settings(method: str, settings) -> Dict[str, Any]:
+    """``METHODS[method]`` plus the run-size settings its fairness method takes (validation size, CSR's source)."""
+    from .fairness.registry import config_flags, get_fairness_method
+
+    values = dict(METHODS[method])
+    flags = set(config_flags(get_fairness_method(values["fairness_method"])).values())
+    if "fairness_val_size" in flags:
+        values["fairness_val_size"] = settings.fairness_val_size
+    if "csr_confusion_source" in flags:
+        values.setdefault("csr_confusion_source", "ema")
+    return values
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_")
 
@@ -137,9 +150,9 @@ def train_method(dataset: str, method: str, seed: int, settings: ReproductionSet
         output_dir=str(Path(output_dir) / "trainer"), num_train_epochs=settings.epochs,
         per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
         lr_milestones=settings.milestones(), attack_eps=settings.attack_eps, attack_steps=settings.attack_steps,
-        horizontal_flip=False, crop_padding=2, fairness_val_size=settings.fairness_val_size, save_strategy="no",
+        horizontal_flip=False, crop_padding=2, save_strategy="no",
         logging_steps=50, disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available(),
-        csr_confusion_source="ema", **METHODS[method],
+        **_method_settings(method, settings),
     )
     trainer = CSRTrainer(model=model, args=args, train_dataset=train)
     trainer.train()

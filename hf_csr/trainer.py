@@ -1,4 +1,5 @@
-"""``CSRTrainer``: adversarial training (PGD-AT or TRADES) + the CSR penalty as a transformers Trainer.
+"""``CSRTrainer``: adversarial training (PGD-AT or TRADES) + a fairness method (CSR by default) as a
+transformers Trainer.
 
 The Trainer does what it always does -- data loading and sharding, the optimiser, schedules, gradient
 accumulation, mixed precision, DDP, logging integrations, checkpoints. This class only adds, per step
@@ -7,12 +8,12 @@ accumulation, mixed precision, DDP, logging integrations, checkpoints. This clas
 1. a PGD attack on the *unwrapped* model (never through the DDP wrapper), its random start drawn for
    the whole global batch so that results do not depend on how the batch is split across processes;
 2. the base loss (``pgd``: CE on adversarial logits; ``trades``: CE on clean + beta * KL);
-3. the confusion counts of the adversarial logits, summed across processes, folded into the
-   estimate ``C`` (``ema``/``batch``; ``epoch`` runs its own pass at each epoch start), and
-   ``csr_alpha * Psi`` with the spectral weights of ``C``;
+3. the fairness method's hooks (:class:`hf_csr.fairness.FairnessMethod`, found by name in the
+   registry: per-example budgets, betas and weights, extra loss terms such as CSR's ``alpha * Psi``,
+   epoch and optimizer-step hooks);
 4. optionally AWP on top.
 
-The estimator state is saved in every checkpoint (``csr_state.pt``) and restored on resume;
+The method's state is saved in every checkpoint (``csr_state.pt``) and restored on resume;
 checkpoints are written to a staging folder and renamed into place, so a run killed mid-save never
 leaves a half-written ``checkpoint-N`` behind.
 """
@@ -31,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, TrainerState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
@@ -40,9 +40,10 @@ from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
 from .configuration import CSRTrainingArguments
 from .data import RobustImageCollator, augment_batch
 from .data.core import check_labels_in_range
-from . import fairness  # noqa: F401  (registers frl, faal, cfa, wat)
-from .fairness import FAIRNESS_REGISTRY, FairnessMethod
-from .regularizer import BatchStatistics, ConfusionEstimator, csr_penalty
+from .fairness.base import FairnessMethod, LossInputs
+from .fairness.context import FairnessContext
+from .fairness.registry import get_fairness_method
+from .regularizer import BatchStatistics, confusion_counts
 from .utils import as_logits, check_pixel_values, derived_seed, ensure_writable_dir, inputs_prevalidated
 
 __all__ = ["CSRTrainer", "CSR_STATE_NAME", "validate_training_data"]
@@ -95,29 +96,24 @@ class _CSRCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if self.trainer.fairness is not None:
-            self.trainer.fairness.on_train_begin()
+        self.trainer.fairness_context._mark_training_started()
+        self.trainer.fairness.on_train_begin()
 
     def on_epoch_begin(self, args, state, control, **kwargs):
-        self.trainer._maybe_run_confusion_pass()
-        if self.trainer.fairness is not None:
-            self.trainer.fairness.on_epoch_begin(int(math.floor((state.epoch or 0.0) + 1e-9)))
+        self.trainer.fairness.on_epoch_begin(int(math.floor((state.epoch or 0.0) + 1e-9)))
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        if self.trainer.fairness is not None:
-            self.trainer.fairness.on_epoch_end(max(0, int(math.ceil((state.epoch or 0.0) - 1e-9)) - 1))
+        self.trainer.fairness.on_epoch_end(max(0, int(math.ceil((state.epoch or 0.0) - 1e-9)) - 1))
 
     def on_train_end(self, args, state, control, **kwargs):
-        if self.trainer.fairness is not None:
-            self.trainer.fairness.on_train_end()
+        self.trainer.fairness.on_train_end()
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.trainer._micro_step = 0
 
     def on_optimizer_step(self, args, state, control, **kwargs):
         self.trainer._restore_awp()
-        if self.trainer.fairness is not None:
-            self.trainer.fairness.on_optimizer_step()
+        self.trainer.fairness.on_optimizer_step()
 
 
 class CSRTrainer(Trainer):
@@ -130,10 +126,13 @@ class CSRTrainer(Trainer):
         train_dataset / eval_dataset: datasets yielding ``{"pixel_values", "labels"}``.
         data_collator: defaults to :class:`~hf_csr.data.RobustImageCollator` with the args' augmentation.
         num_classes: only needed when the model has no ``config.num_labels``.
+        fairness_validation_dataset: a held-out split for the fairness methods that validate (FRL, WAT,
+            CFA); without it they take their split from the training set (see :mod:`hf_csr.fairness`).
 
-    Logged every ``logging_steps``: ``base_loss``, ``csr_psi``, ``csr_spectral_norm`` (||C||_2 of the
-    estimate in use, normalised as in eq. 1), ``adv_accuracy`` and ``adv_worst_class_accuracy`` (over
-    the adversarial training examples of the logging window).
+    The fairness method (``args.fairness_method``, built from ``args.fairness_config``) is ``trainer.fairness``.
+    Logged every ``logging_steps``: ``base_loss``, ``adv_accuracy`` and ``adv_worst_class_accuracy`` (over
+    the adversarial training examples of the logging window) and the method's own values (CSR:
+    ``csr_psi``, ``csr_spectral_norm``, the ||C||_2 of its estimate normalised as in eq. 1).
     """
 
     # compute_loss returns a per-batch mean: the Trainer divides it by the accumulation steps.
@@ -149,6 +148,7 @@ class CSRTrainer(Trainer):
         *,
         num_classes: Optional[int] = None,
         callbacks: Optional[List[TrainerCallback]] = None,
+        fairness_validation_dataset: Optional[Dataset] = None,
         **kwargs,
     ) -> None:
         if not isinstance(args, CSRTrainingArguments):
@@ -181,11 +181,10 @@ class CSRTrainer(Trainer):
                 "run on the unwrapped model, which under parameter sharding holds only a shard of the weights. "
                 "Unset --fsdp / --deepspeed (a WRN-70-16 fits on one GPU per process)."
             )
-        source = args.csr_confusion_source if args.fairness_method == "csr" else "batch"
-        self.confusion = ConfusionEstimator(
-            self.num_classes, variant=args.csr_variant, gamma=args.csr_gamma, source=source,
-            momentum=args.csr_ema_momentum, reduce_fn=self._sum_across_processes,
-        )
+        validate_training_data(fairness_validation_dataset, self.num_classes, "fairness_validation_dataset",
+                               require_every_class=True)
+        self.fairness_validation_dataset = fairness_validation_dataset
+        self.fairness_context = FairnessContext(self)
         self.fairness = self._create_fairness_method()
         self._awp_params = perturbable_parameters(model) if args.awp_gamma > 0 else []
         self._awp_delta = None
@@ -206,13 +205,10 @@ class CSRTrainer(Trainer):
             raise ValueError("cannot tell the number of classes: pass num_classes= or a model with config.num_labels >= 2.")
         return num_classes
 
-    def _create_fairness_method(self) -> Optional[FairnessMethod]:
-        name = self.args.fairness_method
-        if name in ("none", "csr"):
-            return None
-        if name not in FAIRNESS_REGISTRY:
-            raise ValueError(f"fairness_method {name!r} is not registered; known: {sorted(FAIRNESS_REGISTRY)}.")
-        return FAIRNESS_REGISTRY[name](self)
+    def _create_fairness_method(self) -> FairnessMethod:
+        """The method named by ``args.fairness_method`` (from the registry), built with ``args.fairness_config``."""
+        method_class = get_fairness_method(self.args.fairness_method)
+        return method_class(self.args.fairness_config, self.fairness_context)
 
     @property
     def class_names(self) -> List[str]:
@@ -294,8 +290,9 @@ class CSRTrainer(Trainer):
         check_pixel_values(x, name="pixel_values (training batch)")
         check_labels_in_range(y, self.num_classes, what="training batch")
         raw = self.accelerator.unwrap_model(model)
+        method = self.fairness
         x = self._augment(x)
-        eps = self.fairness.attack_budget(y) if self.fairness is not None else None
+        eps = method.attack_budget(y)
         if eps is None:
             eps = float(args.attack_eps)
         step_size = eps * (float(args.attack_step_size) / float(args.attack_eps))
@@ -304,34 +301,26 @@ class CSRTrainer(Trainer):
         with inputs_prevalidated():
             logits_adv = as_logits(model(pixel_values=x_adv))
             logits_nat = as_logits(model(pixel_values=x)) if args.base_loss == "trades" else None
-        ce_term, robust_term = self._base_terms(logits_nat, logits_adv, y, weighted=True)
+        ce, robust = self._base_losses(logits_nat, logits_adv, y, method=method)
+        ce_term = ce.mean()
+        robust_term = ce.new_zeros(()) if robust is None else robust.mean()
         base = ce_term + robust_term
-        stats = self.confusion.update(logits_adv, y, validate=False)
-        if self.fairness is not None:
-            self.fairness.on_batch_statistics(stats)
-        psi = None
-        if args.csr_enabled:
-            psi = csr_penalty(
-                logits_adv, y, self.confusion.weights(), variant=args.csr_variant, gamma=args.csr_gamma,
-                class_counts=stats.class_counts, num_examples=stats.num_examples, validate=False,
-            )
-            # DDP averages gradients over processes; Psi is a sum over the *global* batch.
-            psi = psi * self.accelerator.num_processes
-            alpha = args.csr_alpha
-            if args.csr_variant == "paper":
-                loss = base + alpha * psi
-            else:
-                loss = (1.0 - alpha) * ce_term + robust_term + alpha * psi
-        else:
+        stats = self._batch_statistics(logits_adv, y)
+        method.on_batch_statistics(stats)
+        extra = method.loss_terms(LossInputs(y, logits_adv, logits_nat, ce, robust, stats))
+        if extra is None:
             loss = base
-        self._record_step(base, psi, stats)
+        else:
+            loss = extra.ce_scale * ce_term + robust_term
+            for term in extra.terms.values():
+                loss = loss + term
+        self._record_step(base, stats)
         self._micro_step += 1
         return (loss, {"logits": logits_adv}) if return_outputs else loss
 
-    def _base_terms(self, logits_nat, logits_adv, y, weighted: bool = False):
-        """(cross-entropy part, the rest) of the base loss, as means of per-example terms; with
-        ``weighted``, a fairness method may reweight the examples and change TRADES' beta per example.
-        ``reference`` CSR scales the first part by (1 - alpha)."""
+    def _base_losses(self, logits_nat, logits_adv, y, method: Optional[FairnessMethod] = None):
+        """Per-example (cross-entropy part, the rest or None) of the base loss; with a ``method``, its
+        per-example TRADES beta and example weights are applied."""
         if self.args.base_loss == "pgd":
             ce = F.cross_entropy(logits_adv.float(), y, reduction="none")
             robust = None
@@ -340,21 +329,36 @@ class CSRTrainer(Trainer):
             kl = F.kl_div(
                 F.log_softmax(logits_adv.float(), dim=1), F.softmax(logits_nat.float(), dim=1), reduction="none"
             ).sum(dim=1)
-            beta = self.fairness.trades_beta(y) if (weighted and self.fairness is not None) else None
+            beta = method.trades_beta(y) if method is not None else None
             robust = (self.args.trades_beta if beta is None else beta) * kl
-        weights = None
-        if weighted and self.fairness is not None:
-            total = ce.detach() if robust is None else (ce + robust).detach()
-            weights = self.fairness.example_weights(y, total)
-        if weights is not None:
-            ce = weights * ce
-            robust = None if robust is None else weights * robust
+        if method is not None:
+            weights = method.example_weights(y, ce.detach() if robust is None else (ce + robust).detach())
+            if weights is not None:
+                ce = weights * ce
+                robust = None if robust is None else weights * robust
+        return ce, robust
+
+    def _base_terms(self, logits_nat, logits_adv, y):
+        """(mean cross-entropy part, mean of the rest) of the unweighted base loss."""
+        ce, robust = self._base_losses(logits_nat, logits_adv, y)
         return ce.mean(), (ce.new_zeros(()) if robust is None else robust.mean())
+
+    def _batch_statistics(self, logits: torch.Tensor, y: torch.Tensor) -> BatchStatistics:
+        """The micro-batch's class-wise counts (misclassification confusion counts, class counts, correct),
+        summed across processes with one all-reduce, on the CPU."""
+        k = self.num_classes
+        counts, class_counts = confusion_counts(logits, y, variant="paper", gamma=0.0, validate=False)
+        hit = (logits.detach().argmax(dim=1) == y).long()
+        correct = torch.zeros(k, dtype=torch.long, device=y.device).index_add_(0, y, hit)
+        flat = self._sum_across_processes(torch.cat([counts.reshape(-1).long(), class_counts.long(), correct]))
+        return BatchStatistics(flat[: k * k].view(k, k).cpu(), flat[k * k : k * k + k].cpu(), flat[k * k + k :].cpu())
 
     # ------------------------------------------------------------------ AWP
     def _awp_active(self) -> bool:
         epoch = self.state.epoch or 0.0
-        return bool(self._awp_params) and math.floor(epoch + 1e-9) >= self.args.awp_warmup
+        # The released loop counts epochs from 1 and perturbs when ``epoch >= awp_warmup``: with epochs
+        # counted from 0 here, AWP starts in epoch ``awp_warmup - 1`` (0 and 1 both mean from the start).
+        return bool(self._awp_params) and math.floor(epoch + 1e-9) + 1 >= self.args.awp_warmup
 
     def _maybe_perturb_weights(self, raw: nn.Module, x, x_adv, y) -> None:
         """AWP: perturb the weights once per optimizer step (first micro-batch), removed after the step."""
@@ -373,55 +377,14 @@ class CSRTrainer(Trainer):
             apply_perturbation(self._awp_delta, -1.0)
             self._awp_delta = None
 
-    # ------------------------------------------------------------------ the epoch source
-    def _maybe_run_confusion_pass(self) -> None:
-        if not (self.args.csr_enabled and self.confusion.source == "epoch"):
-            return
-        epoch = int(math.floor((self.state.epoch or 0.0) + 1e-9))
-        if self.confusion.pass_tag == epoch:
-            return  # resumed mid-epoch: the pass for this epoch is in the restored state
-        self.run_confusion_pass(epoch)
-
-    def run_confusion_pass(self, epoch: int) -> None:
-        """The ``epoch`` source: PGD over the whole training set (model in eval mode), sharded across
-        processes by global batch, counts summed across processes; C is then fixed for the epoch.
-
-        The random starts come from generators keyed by (seed, epoch, batch), so the pass does not
-        touch the global RNG and gives the same C whatever the number of processes."""
-        args, dataset = self.args, self.train_dataset
-        raw = self.accelerator.unwrap_model(self.model_wrapped)
-        batch = args.per_device_eval_batch_size
-        num_batches = math.ceil(len(dataset) / batch)
-        world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        mine = list(range(rank, num_batches, world))
-        collate = RobustImageCollator(augment=False)
-        self.confusion.start_pass()
-        device = args.device
-        bar = tqdm(mine, desc=f"CSR confusion pass (epoch {epoch})", disable=args.disable_tqdm or not self.is_world_process_zero())
-        for b in bar:
-            indices = range(b * batch, min((b + 1) * batch, len(dataset)))
-            inputs = collate([dataset[i] for i in indices])
-            x, y = inputs["pixel_values"].to(device), inputs["labels"].to(device)
-            generator = torch.Generator(device=x.device)
-            generator.manual_seed(derived_seed(args.seed, "pass", epoch, b))
-            with self.accelerator.autocast():
-                x_adv = self._attack(raw, x, y, loss="ce", bn_mode="eval", random_start="uniform", generator=generator)
-                with torch.no_grad(), attack_mode(raw, "eval"), inputs_prevalidated():
-                    logits = as_logits(raw(x_adv))
-            self.confusion.accumulate(logits, y, validate=False)
-        self.confusion.finish_pass(tag=epoch)
-        logger.info("CSR epoch %d: confusion pass done, ||C||_2 = %.4f", epoch, self.confusion.spectral_norm())
-
     # ------------------------------------------------------------------ logging
     def _reset_metrics(self) -> None:
         self._metrics: Dict[str, List[torch.Tensor]] = defaultdict(list)
         self._window_correct = torch.zeros(self.num_classes, dtype=torch.long)
         self._window_counts = torch.zeros(self.num_classes, dtype=torch.long)
 
-    def _record_step(self, base: torch.Tensor, psi: Optional[torch.Tensor], stats: BatchStatistics) -> None:
+    def _record_step(self, base: torch.Tensor, stats: BatchStatistics) -> None:
         self._metrics["base_loss"].append(base.detach().float())
-        if psi is not None:
-            self._metrics["csr_psi"].append(psi.detach().float())
         self._window_correct += stats.correct
         self._window_counts += stats.class_counts
 
@@ -438,10 +401,7 @@ class CSRTrainer(Trainer):
             per_class = self._window_correct[present].double() / counts[present].double()
             logs["adv_accuracy"] = round(float(self._window_correct.sum()) / float(counts.sum()), 6)
             logs["adv_worst_class_accuracy"] = round(float(per_class.min()), 6)
-        if self.args.fairness_method == "csr":
-            logs["csr_spectral_norm"] = round(self.confusion.normalized_spectral_norm(), 6)
-        if self.fairness is not None:
-            logs.update(self.fairness.log_metrics())
+        logs.update(self.fairness.log_metrics())
         self._reset_metrics()
         return logs
 
@@ -502,21 +462,22 @@ class CSRTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def csr_state_dict(self) -> Dict[str, Any]:
-        state: Dict[str, Any] = {"confusion": self.confusion.state_dict()}
-        if self.fairness is not None:
-            state["fairness"] = {"name": self.fairness.name, "state": self.fairness.state_dict()}
-        return state
+        """What ``csr_state.pt`` holds: the fairness method's name and state."""
+        return {"fairness": {"name": self.fairness.name, "state": self.fairness.state_dict()}}
 
     def load_csr_state_dict(self, state: Dict[str, Any]) -> None:
-        self.confusion.load_state_dict(state["confusion"])
-        if self.fairness is not None:
-            saved = state.get("fairness") or {}
-            if saved.get("name") != self.fairness.name:
-                raise ValueError(
-                    f"the checkpoint was trained with fairness_method {saved.get('name')!r}, not "
-                    f"{self.fairness.name!r}; resume with the same method."
-                )
-            self.fairness.load_state_dict(saved["state"])
+        saved = state.get("fairness")
+        if saved is None and "confusion" in state:
+            # written before methods were plug-ins: CSR's estimator sat at the top level
+            saved = {"name": "csr", "state": {"confusion": state["confusion"]}} if self.fairness.name == "csr" else {
+                "name": "none", "state": {}}
+        saved = saved or {}
+        if saved.get("name") != self.fairness.name:
+            raise ValueError(
+                f"the checkpoint was trained with fairness_method {saved.get('name')!r}, not "
+                f"{self.fairness.name!r}; resume with the same method."
+            )
+        self.fairness.load_state_dict(saved.get("state") or {})
 
     def _get_output_dir(self, trial) -> str:
         if self._staging_root is not None:

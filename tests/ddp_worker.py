@@ -34,7 +34,7 @@ def main():
     trainer.train()
     if trainer.is_world_process_zero():
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        state["confusion"] = trainer.confusion.confusion()
+        state["confusion"] = trainer.fairness.confusion.confusion()
         torch.save(state, cli.out)
 
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from hf_csr import CSRTrainer, CSRTrainingArguments
+from hf_csr.fairness import available_fairness_methods, get_fairness_method
 from hf_csr.fairness import calibrated_budgets, frl_multiplier_update, hedge_weights, kl_ball_worst_case
 from hf_csr.fairness.common import ClassStatistics
-from hf_csr.fairness import FAIRNESS_REGISTRY
 
 from .helpers import fmnist, fmnist_model
 
@@ -18,8 +18,10 @@ def make_args(tmp_path, **overrides):
     settings = dict(
         output_dir=str(tmp_path / "out"), max_steps=1, per_device_train_batch_size=20, per_device_eval_batch_size=40,
         learning_rate=0.05, attack_steps=2, logging_steps=1, save_strategy="no", use_cpu=True, disable_tqdm=True,
-        seed=0, fairness_val_size=20, augment=False,
+        seed=0, augment=False,
     )
+    if overrides.get("fairness_method") in ("frl", "wat", "cfa"):
+        settings["fairness_val_size"] = 20
     settings.update(overrides)
     return CSRTrainingArguments(**settings)
 
@@ -34,13 +36,14 @@ def one_step(tmp_path, steps=1, **overrides):
 
 
 def test_registry_and_config_choices():
-    assert {"frl", "faal", "cfa", "wat"} <= set(FAIRNESS_REGISTRY)
+    assert {"none", "csr", "frl", "faal", "cfa", "wat"} <= set(available_fairness_methods())
+    assert all(get_fairness_method(name).name == name for name in ("frl", "faal", "cfa", "wat"))
     with pytest.raises(ValueError, match="fairness_method must be one of"):
         CSRTrainingArguments(output_dir="x", fairness_method="fair")
-    with pytest.raises(ValueError, match="faal_rho"):
-        CSRTrainingArguments(output_dir="x", faal_rho=-1.0)
-    with pytest.raises(ValueError, match="cfa_fawa_decay"):
-        CSRTrainingArguments(output_dir="x", cfa_fawa_decay=1.0)
+    with pytest.raises(ValueError, match="faal_rho must be a finite number >= 0"):
+        CSRTrainingArguments(output_dir="x", fairness_method="faal", faal_rho=-1.0)
+    with pytest.raises(ValueError, match=r"cfa_fawa_decay must lie in \[0, 1\)"):
+        CSRTrainingArguments(output_dir="x", fairness_method="cfa", cfa_fawa_decay=1.0)
 
 
 ZERO = {
@@ -189,6 +192,7 @@ def test_selectable_from_the_command_line():
 
     _, training = parse_args(["--fairness_method", "cfa", "--base_loss", "trades", "--cfa_fawa", "false",
                               "--cfa_eps_lambda", "0.3", "--output_dir", "x"])
-    assert training.fairness_method == "cfa" and training.cfa_fawa is False and training.cfa_eps_lambda == 0.3
+    config = training.fairness_config
+    assert training.fairness_method == "cfa" and config.fawa is False and config.eps_lambda == 0.3
     with pytest.raises(ValueError, match="frl_max_eps_factor"):
         parse_args(["--fairness_method", "frl", "--frl_max_eps_factor", "0.5", "--output_dir", "x"])

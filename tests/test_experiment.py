@@ -33,8 +33,8 @@ def test_config_precedence_and_errors(tmp_path):
         ["--config", str(config), "--csr_gamma", "0.2", "--output_dir", str(tmp_path / "o")],
         defaults={"csr_gamma": 0.0, "model": "preact_resnet18", "learning_rate": 0.01},
     )
-    assert training.csr_gamma == 0.2  # command line > YAML > defaults
-    assert training.csr_variant == "paper" and experiment.model == "wrn28_10_ddpm"
+    assert training.fairness_config.gamma == 0.2  # command line > YAML > defaults
+    assert training.fairness_config.variant == "paper" and experiment.model == "wrn28_10_ddpm"
     assert abs(training.attack_eps - 8 / 255) < 1e-12 and training.learning_rate == 0.01
     bad_key = tmp_path / "bad.yaml"
     bad_key.write_text("csr_gama: 0.1\n")

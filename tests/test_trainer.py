@@ -25,8 +25,9 @@ def make_args(tmp_path, **overrides):
     settings = dict(
         output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=16, per_device_eval_batch_size=32,
         learning_rate=0.05, attack_steps=2, logging_steps=2, save_steps=2, use_cpu=True, disable_tqdm=True, seed=0,
-        csr_confusion_source="ema",
     )
+    if overrides.get("fairness_method", "csr") == "csr":
+        settings["csr_confusion_source"] = "ema"
     settings.update(overrides)
     return CSRTrainingArguments(**settings)
 
@@ -71,7 +72,7 @@ def test_end_to_end_training_logs_and_checkpoints(tmp_path, base_loss):
     assert (out / "checkpoint-4" / CSR_STATE_NAME).exists() and (out / "checkpoint-4" / "model.safetensors").exists()
     assert not (out / ".incomplete").exists()
     state = torch.load(out / "checkpoint-4" / CSR_STATE_NAME, weights_only=True)
-    assert state["confusion"]["num_updates"] == 4
+    assert state["fairness"]["name"] == "csr" and state["fairness"]["state"]["confusion"]["num_updates"] == 4
 
 
 @pytest.mark.parametrize("base_loss", ["pgd", "trades"])
@@ -136,7 +137,7 @@ def test_resume_gives_identical_weights(tmp_path, source, stop):
     resumed = train(tmp_path / "interrupted", resume=str(checkpoint), **common)
     assert resumed.state.global_step == 8
     assert_same_weights(weights(straight), weights(resumed))
-    assert torch.equal(straight.confusion.confusion(), resumed.confusion.confusion())
+    assert torch.equal(straight.fairness.confusion.confusion(), resumed.fairness.confusion.confusion())
 
 
 def free_port():
@@ -181,16 +182,16 @@ def test_confusion_sources_update_per_micro_batch(tmp_path, source):
     """Documented behaviour: under accumulation, `ema`/`batch` fold in every micro-batch's counts."""
     trainer = train(tmp_path, model="test_tiny_convnet", per_device_train_batch_size=16,
                     gradient_accumulation_steps=2, max_steps=2, csr_confusion_source=source, save_strategy="no")
-    assert trainer.confusion.num_updates == 4
+    assert trainer.fairness.confusion.num_updates == 4
     if source == "batch":
         # C is the last micro-batch's alone: at most 16 examples in it.
-        assert float(trainer.confusion.class_counts.sum()) == 16
+        assert float(trainer.fairness.confusion.class_counts.sum()) == 16
 
 
 def test_epoch_source_runs_one_pass_per_epoch(tmp_path):
     trainer = train(tmp_path, max_steps=8, csr_confusion_source="epoch", save_strategy="no")
-    assert trainer.confusion.pass_tag == 1 and trainer.confusion.num_updates == 2
-    assert float(trainer.confusion.class_counts.sum()) == 64  # the whole training set
+    assert trainer.fairness.confusion.pass_tag == 1 and trainer.fairness.confusion.num_updates == 2
+    assert float(trainer.fairness.confusion.class_counts.sum()) == 64  # the whole training set
 
 
 def test_bad_training_input_is_rejected_before_training(tmp_path):

@@ -22,14 +22,16 @@ class-balanced batch exactly the base method's update. The paper combines FAAL w
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import torch
 
-from .base import FairnessMethod, register_fairness_method
+from .base import FairnessConfig, FairnessMethod
+from .registry import register_fairness_method
 from .common import per_class_mean
 
-__all__ = ["FAAL", "kl_ball_worst_case"]
+__all__ = ["FAAL", "FAALConfig", "kl_ball_worst_case"]
 
 
 def _tilt(losses: torch.Tensor, lam: float) -> torch.Tensor:
@@ -66,17 +68,32 @@ def kl_ball_worst_case(losses: torch.Tensor, rho: float, steps: int = 50) -> tor
     return _tilt(losses, math.exp(hi))  # the feasible end of the bracket
 
 
+@dataclass
+class FAALConfig(FairnessConfig):
+    """FAAL's settings (flags ``--faal_*``)."""
+
+    rho: float = field(default=0.1, metadata={"help": "FAAL: radius of the KL ball around uniform class weights (0 = base method; set here)."})
+    search_steps: int = field(default=50, metadata={"help": "FAAL: bisection steps of the 1-D search on the dual variable."})
+
+    def __post_init__(self) -> None:
+        if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho) or self.rho < 0:
+            raise ValueError(f"faal_rho must be a finite number >= 0; got {self.rho!r}.")
+        if not isinstance(self.search_steps, int) or isinstance(self.search_steps, bool) or self.search_steps < 1:
+            raise ValueError(f"faal_search_steps must be a positive integer; got {self.search_steps!r}.")
+
 @register_fairness_method("faal")
 class FAAL(FairnessMethod):
-    def __init__(self, trainer) -> None:
-        super().__init__(trainer)
+    config_class = FAALConfig
+
+    def __init__(self, config: FAALConfig, context) -> None:
+        super().__init__(config, context)
         self._last_max = 0.0
 
     def example_weights(self, labels: torch.Tensor, losses: torch.Tensor) -> Optional[torch.Tensor]:
-        k = self.trainer.num_classes
+        k = self.num_classes
         means, counts = per_class_mean(losses.detach().double(), labels, k)
         present = counts > 0
-        q_present = kl_ball_worst_case(means[present], self.args.faal_rho, self.args.faal_search_steps)
+        q_present = kl_ball_worst_case(means[present], self.config.rho, self.config.search_steps)
         q = torch.zeros(k, dtype=torch.float64, device=losses.device)
         q[present] = q_present
         self._last_max = float(q_present.max()) * int(present.sum())

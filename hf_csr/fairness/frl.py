@@ -28,14 +28,17 @@ a pre-trained model (80 epochs in the CSR paper's Table 1); nothing here require
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
 
-from .base import FairnessMethod, register_fairness_method
+from .base import FairnessConfig, FairnessMethod
+from .registry import register_fairness_method
 from .common import class_statistics, class_to_example_weights, validation_tensors
 
-__all__ = ["FRL", "frl_multiplier_update"]
+__all__ = ["FRL", "FRLConfig", "frl_multiplier_update"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +49,43 @@ def frl_multiplier_update(multiplier: torch.Tensor, errors: torch.Tensor, tau: f
     return (multiplier + rate * violation).clamp_min(0.0)
 
 
+@dataclass
+class FRLConfig(FairnessConfig):
+    """FRL's settings (flags ``--frl_*`` and ``--fairness_val_size``)."""
+
+    tau_clean: float = field(default=0.05, metadata={"help": "FRL tau1: allowed excess clean error per class (paper: 0.05 or 0.07)."})
+    tau_boundary: float = field(default=0.05, metadata={"help": "FRL tau2: allowed excess boundary error per class (paper: 0.05 or 0.07)."})
+    rw_rate: float = field(default=0.05, metadata={"help": "FRL reweight multipliers' step size per epoch (0 disables reweighting; set here)."})
+    rm_rate: float = field(default=0.05, metadata={"help": "FRL remargin multipliers' step size per epoch (0 disables remargin; set here)."})
+    max_eps_factor: float = field(default=2.0, metadata={"help": "FRL: cap of the remargined budget as a multiple of attack_eps (>= 1; set here)."})
+    val_size: int = field(
+        default=1000,
+        metadata={"help": "FRL / WAT / CFA: size of the class-balanced validation split drawn from the training set "
+                          "when CSRTrainer(fairness_validation_dataset=...) is not given (set here).",
+                  "flag": "fairness_val_size"},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("tau_clean", "tau_boundary", "rw_rate", "rm_rate"):
+            _nonnegative(f"frl_{name}", getattr(self, name))
+        if not isinstance(self.max_eps_factor, (int, float)) or not math.isfinite(self.max_eps_factor) or self.max_eps_factor < 1:
+            raise ValueError(f"frl_max_eps_factor must be >= 1; got {self.max_eps_factor}.")
+        if not isinstance(self.val_size, int) or isinstance(self.val_size, bool) or self.val_size < 1:
+            raise ValueError(f"fairness_val_size must be a positive integer; got {self.val_size!r}.")
+
+
+def _nonnegative(flag: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{flag} must be a finite number >= 0; got {value!r}.")
+
+
 @register_fairness_method("frl")
 class FRL(FairnessMethod):
-    def __init__(self, trainer) -> None:
-        super().__init__(trainer)
-        k = trainer.num_classes
+    config_class = FRLConfig
+
+    def __init__(self, config: FRLConfig, context) -> None:
+        super().__init__(config, context)
+        k = context.num_classes
         self.phi_nat = torch.zeros(k, dtype=torch.float64)
         self.phi_bndy = torch.zeros(k, dtype=torch.float64)
         self.phi_rm = torch.zeros(k, dtype=torch.float64)
@@ -60,27 +95,27 @@ class FRL(FairnessMethod):
 
     # ------------------------------------------------------------------ multipliers
     def eps_factors(self) -> torch.Tensor:
-        return (1.0 + self.phi_rm).clamp(max=self.args.frl_max_eps_factor)
+        return (1.0 + self.phi_rm).clamp(max=self.config.max_eps_factor)
 
     def update_multipliers(self, stats) -> None:
-        args = self.args
-        self.phi_nat = frl_multiplier_update(self.phi_nat, stats.clean_error, args.frl_tau_clean, args.frl_rw_rate)
-        self.phi_bndy = frl_multiplier_update(self.phi_bndy, stats.boundary_error, args.frl_tau_boundary, args.frl_rw_rate)
-        self.phi_rm = frl_multiplier_update(self.phi_rm, stats.boundary_error, args.frl_tau_boundary, args.frl_rm_rate)
+        config = self.config
+        self.phi_nat = frl_multiplier_update(self.phi_nat, stats.clean_error, config.tau_clean, config.rw_rate)
+        self.phi_bndy = frl_multiplier_update(self.phi_bndy, stats.boundary_error, config.tau_boundary, config.rw_rate)
+        self.phi_rm = frl_multiplier_update(self.phi_rm, stats.boundary_error, config.tau_boundary, config.rm_rate)
         self.last_errors = {
             "frl_worst_clean_error": float(stats.clean_error.max()),
             "frl_worst_boundary_error": float(stats.boundary_error.max()),
         }
 
     def on_epoch_begin(self, epoch: int) -> None:
-        args = self.args
-        if epoch == self.updated_epoch or (args.frl_rw_rate == 0 and args.frl_rm_rate == 0):
+        args, config = self.args, self.config
+        if epoch == self.updated_epoch or (config.rw_rate == 0 and config.rm_rate == 0):
             return
         if self._validation is None:
-            self._validation = validation_tensors(self.trainer, args.fairness_val_size)
+            self._validation = validation_tensors(self.context, config.val_size)
         images, labels = self._validation
         eps = float(args.attack_eps) * self.eps_factors()
-        stats = class_statistics(self.trainer, images, labels, tag=("frl", epoch), eps=eps)
+        stats = class_statistics(self.context, images, labels, tag=("frl", epoch), eps=eps)
         self.update_multipliers(stats)
         self.updated_epoch = epoch
         logger.info("FRL epoch %d: phi_nat=%s phi_bndy=%s eps factors=%s", epoch,
