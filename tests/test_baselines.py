@@ -3,7 +3,6 @@ makes the trainer use (against the originals' formulas, re-implemented in tests/
 the epoch updates wired to the validation statistics, held-out splits, checkpoints, the command line, and
 2-process runs equal to 1-process runs."""
 
-import math
 import os
 import socket
 import subprocess

@@ -11,7 +11,6 @@ Originals read (see docs/baselines.md):
   (validate, train, the weight update of the main loop).
 """
 
-import math
 
 import numpy as np
 import pytest
@@ -367,38 +366,3 @@ def test_wat_uniform_scale():
     assert rules.wat_uniform_scale(K, first_epoch=True) == 2.0
     w = rules.wat_class_weights(torch.zeros(K + 1), 0.3, K)
     assert float(w[0] + w[K]) == pytest.approx(rules.wat_uniform_scale(K, first_epoch=False))
-
-
-# ============================================================================ held-out validation splits
-def _orig_frl_split(label_source, per_class, classes):
-    """fair_robust/data_loader.py (and WAT's copy): per class, images [0:4700] train, [4700:5000] valid."""
-    train, valid = [], []
-    for c in classes:
-        tmp_idx = np.where(label_source == c)[0]
-        n = len(tmp_idx)
-        train.append(tmp_idx[0:n - per_class])
-        valid.append(tmp_idx[n - per_class:n])
-    return np.sort(np.concatenate(train)), np.sort(np.concatenate(valid))
-
-
-def _orig_cfa_split(ori_label, n):
-    """CFA/generate_validation.py: per class the first n images are validation, the rest training."""
-    valid_index, train_index = [], []
-    for i in range(10):
-        valid_index.append((ori_label == i).nonzero()[:n])
-        train_index.append((ori_label == i).nonzero()[n:])
-    return torch.sort(torch.cat(train_index).flatten()).values, torch.sort(torch.cat(valid_index).flatten()).values
-
-
-def test_held_out_splits_follow_the_originals_loaders():
-    g = _rng(11)
-    labels = torch.randint(0, 10, (600,), generator=g)
-    train, valid = rules.held_out_split(labels, 30, "last")
-    theirs_train, theirs_valid = _orig_frl_split(labels.numpy(), 30, range(10))
-    assert np.array_equal(train.numpy(), theirs_train) and np.array_equal(valid.numpy(), theirs_valid)
-    train, valid = rules.held_out_split(labels, 10, "first")
-    theirs_train, theirs_valid = _orig_cfa_split(labels, 10)
-    assert torch.equal(train, theirs_train) and torch.equal(valid, theirs_valid)
-    assert len(set(train.tolist()) & set(valid.tolist())) == 0 and len(train) + len(valid) == 600
-    with pytest.raises(ValueError, match="leaves no training images of class"):
-        rules.held_out_split(torch.tensor([0, 0, 1, 1, 1]), 2, "last")

@@ -26,41 +26,11 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "held_out_split",
     "frl_update_multipliers", "frl_normalize_multipliers", "frl_reweight_rate", "frl_class_weights", "frl_eps_factors", "frl_loss",
     "faal_margins", "faal_class_weights", "faal_kl_to_uniform",
     "cfa_class_eps", "cfa_class_beta", "cfa_trades_loss", "cfa_fawa_update",
     "wat_validation_costs", "wat_class_weights", "wat_loss", "wat_uniform_scale",
 ]
-
-
-# ====================================================================================== validation splits
-def held_out_split(labels: torch.Tensor, per_class: int, position: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(training indices, validation indices): ``per_class`` images of every class held out of the
-    training set, the ``"last"`` ones of each class in dataset order (FRL's and WAT's
-    ``data_loader.py``: images 4700-4999 of each CIFAR-10 class) or the ``"first"`` ones (CFA's
-    ``generate_validation.py``: images 0-99). Both index tensors are sorted. A class with no more than
-    ``per_class`` images is an error (it would leave nothing to train on)."""
-    if position not in ("first", "last"):
-        raise ValueError(f"position must be 'first' or 'last'; got {position!r}.")
-    labels = torch.as_tensor(labels).long().flatten()
-    if per_class < 1:
-        raise ValueError(f"per_class must be >= 1; got {per_class}.")
-    held = []
-    counts = torch.bincount(labels)
-    short = [c for c in range(counts.numel()) if 0 < int(counts[c]) <= per_class]
-    if short:
-        raise ValueError(
-            f"holding out {per_class} validation images per class leaves no training images of class(es) {short} "
-            f"(they have {[int(counts[c]) for c in short]}); lower the per-class validation size or pass a "
-            "separate validation dataset.")
-    for c in torch.unique(labels).tolist():
-        members = torch.nonzero(labels == c).flatten()
-        held.append(members[:per_class] if position == "first" else members[-per_class:])
-    validation = torch.sort(torch.cat(held)).values
-    keep = torch.ones(labels.numel(), dtype=torch.bool)
-    keep[validation] = False
-    return torch.nonzero(keep).flatten(), validation
 
 
 # ====================================================================================== FRL
