@@ -90,7 +90,11 @@ class CSRTrainingArguments(TrainingArguments):
     )
     # ------------------------------------------------------------------ AWP
     awp_gamma: float = field(default=0.0, metadata={"help": "Adversarial weight perturbation size (0 disables AWP; released code 0.005)."})
-    awp_warmup: int = field(default=0, metadata={"help": "Epochs of training before AWP starts."})
+    awp_warmup: int = field(
+        default=0,
+        metadata={"help": "AWP starts in epoch awp_warmup, epochs counted from 1 as in the released AWP/CSR loops "
+                          "(`if epoch >= awp_warmup`): 0 and 1 both mean from the first epoch, 10 = after 9 epochs."},
+    )
     # ------------------------------------------------------------------ evaluation
     eval_attacks: str = field(
         default="clean,pgd20",

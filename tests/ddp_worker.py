@@ -21,20 +21,32 @@ def main():
     parser.add_argument("--base-loss", default="pgd")
     parser.add_argument("--awp-gamma", type=float, default=0.0)
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--method", default="csr")
+    parser.add_argument("--augment", action="store_true")
     cli = parser.parse_args()
+    if cli.method == "csr":
+        method = dict(csr_confusion_source=cli.source, csr_variant=cli.variant)
+    else:
+        method = {"fairness_val_size": 20} if cli.method in ("frl", "wat", "cfa") else {}
     torch.manual_seed(0)
     model = fmnist_model("test_tiny_convnet")
     args = CSRTrainingArguments(
         output_dir=cli.out + ".run", max_steps=cli.steps, per_device_train_batch_size=cli.per_device_batch,
-        per_device_eval_batch_size=16, learning_rate=0.01, attack_steps=2, csr_confusion_source=cli.source,
-        csr_variant=cli.variant, base_loss=cli.base_loss, awp_gamma=cli.awp_gamma, augment=False, use_cpu=True,
+        per_device_eval_batch_size=16, learning_rate=0.01, attack_steps=2, fairness_method=cli.method, **method,
+        base_loss=cli.base_loss, awp_gamma=cli.awp_gamma, augment=cli.augment, use_cpu=True,
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, ddp_backend="gloo",
     )
-    trainer = CSRTrainer(model=model, args=args, train_dataset=fmnist("train", limit=64))
+    # 64 training images (FRL, WAT and CFA hold 20 of 84 out for validation): whole global batches of 32
+    limit = 84 if cli.method in ("frl", "wat", "cfa") else 64
+    trainer = CSRTrainer(model=model, args=args, train_dataset=fmnist("train", limit=limit))
     trainer.train()
     if trainer.is_world_process_zero():
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-        state["confusion"] = trainer.fairness.confusion.confusion()
+        if cli.method == "csr":
+            state["confusion"] = trainer.fairness.confusion.confusion()
+        for key, value in trainer.fairness.state_dict().items():
+            if isinstance(value, torch.Tensor):
+                state[f"method/{key}"] = value
         torch.save(state, cli.out)
 
 
