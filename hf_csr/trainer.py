@@ -295,7 +295,9 @@ class CSRTrainer(Trainer):
         eps = method.attack_budget(y)
         if eps is None:
             eps = float(args.attack_eps)
-        step_size = eps * (float(args.attack_step_size) / float(args.attack_eps))
+        step_size = method.attack_step_size(y, eps)
+        if step_size is None:
+            step_size = eps * (float(args.attack_step_size) / float(args.attack_eps))
         x_adv = self._attack(raw, x, y, eps=eps, step_size=step_size, noise=self._attack_noise(x, eps))
         self._maybe_perturb_weights(raw, x, x_adv, y)
         with inputs_prevalidated():

@@ -36,7 +36,9 @@ def main():
         base_loss=cli.base_loss, awp_gamma=cli.awp_gamma, augment=cli.augment, use_cpu=True,
         save_strategy="no", logging_steps=1, disable_tqdm=True, seed=0, ddp_backend="gloo",
     )
-    trainer = CSRTrainer(model=model, args=args, train_dataset=fmnist("train", limit=64))
+    # 64 training images (FRL, WAT and CFA hold 20 of 84 out for validation): whole global batches of 32
+    limit = 84 if cli.method in ("frl", "wat", "cfa") else 64
+    trainer = CSRTrainer(model=model, args=args, train_dataset=fmnist("train", limit=limit))
     trainer.train()
     if trainer.is_world_process_zero():
         state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}

@@ -27,10 +27,10 @@ from .registry import (
 # attribute -> module of a built-in method (imported on first access)
 _LAZY = {
     "CSR": "csr", "CSRConfig": "csr",
-    "FRL": "frl", "FRLConfig": "frl", "frl_multiplier_update": "frl",
-    "FAAL": "faal", "FAALConfig": "faal", "kl_ball_worst_case": "faal",
-    "CFA": "cfa", "CFAConfig": "cfa", "calibrated_budgets": "cfa",
-    "WAT": "wat", "WATConfig": "wat", "hedge_weights": "wat",
+    "FRL": "frl", "FRLConfig": "frl",
+    "FAAL": "faal", "FAALConfig": "faal",
+    "CFA": "cfa", "CFAConfig": "cfa",
+    "WAT": "wat", "WATConfig": "wat",
 }
 
 __all__ = [

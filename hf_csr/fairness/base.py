@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Type
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, Optional, Type, Union
 
 import torch
 
@@ -116,6 +116,11 @@ class FairnessMethod:
     # ------------------------------------------------------------------ per step
     def attack_budget(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """Per-example attack eps (N,), or None for ``args.attack_eps``. The step size scales with it."""
+        return None
+
+    def attack_step_size(self, labels: torch.Tensor, eps) -> Optional[Union[float, torch.Tensor]]:
+        """The attack's step size (a float or per example (N,)) given the budget ``eps`` in use, or None
+        for ``eps * attack_step_size / attack_eps`` (e.g. CFA keeps the step fixed whatever the budget)."""
         return None
 
     def trades_beta(self, labels: torch.Tensor) -> Optional[torch.Tensor]:

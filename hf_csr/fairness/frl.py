@@ -1,28 +1,25 @@
-"""FRL -- Fair Robust Learning, reweight + remargin (Xu, Liu, Li, Jain, Tang; ICML 2021).
+"""FRL-RWRM -- Fair Robust Learning, reweight + remargin (Xu, Liu, Li, Jain, Tang; ICML 2021).
 
-FRL asks every class ``c`` to satisfy two constraints on a validation split,
+Ported from the authors' release (``hannxu123/fair_robust`` @ a80547d: ``frlrmrw.py`` and
+``utils_frl2.py``; the rules are :mod:`hf_csr.fairness.rules`). FRL asks every class ``c`` to keep its
+clean error and its boundary error (correct on the clean image, wrong on its adversarial version)
+within ``tau`` of the overall ones, on a validation split held out of the training set, and enforces
+that with Lagrange multipliers updated once per epoch, before training:
 
-    clean error:     R_nat(c)  - mean_c' R_nat(c')  <= tau1
-    boundary error:  R_bndy(c) - mean_c' R_bndy(c') <= tau2
+1. PGD-20 (CE loss, the nominal eps and step, uniform start) on the held-out split gives the
+   class-wise and overall clean and boundary errors (global over processes);
+2. ``lambda_nat += rate * g_nat`` and ``lambda_bndy += 2 rate g_bndy`` (``g`` the violations
+   ``error_c - error_total - tau``), each clamped at 0 and rescaled to sum at most ``limit``;
+   ``lambda_rm += rm_rate * g_bndy``; ``rate`` halves every ``rate_halving`` epochs;
+3. *reweight*: the TRADES loss becomes ``sum(w_nat CE) / sum(w_nat) + beta sum(w_bndy KL) / sum(w_bndy)``
+   over the (global) batch, ``w = 1/K + lambda_c - mean(lambda)``; with the PGD-AT base (not in the
+   original) the adversarial CE is weighted by the mean of the two, normalised the same way;
+4. *remargin*: class ``c`` is attacked with ``eps * clamp(exp(2 lambda_rm_c), 0.98, 3)``, every example
+   stepping by the largest class budget times ``attack_step_size / attack_eps``.
 
-(boundary error: correct on the clean image, wrong on its adversarial version) and enforces them with
-per-class Lagrange multipliers updated once per epoch by projected ascent on the violations:
-
-    phi_nat(c)  <- max(0, phi_nat(c)  + rw_rate * (R_nat(c)  - mean R_nat  - tau1))
-    phi_bndy(c) <- max(0, phi_bndy(c) + rw_rate * (R_bndy(c) - mean R_bndy - tau2))
-    phi_rm(c)   <- max(0, phi_rm(c)   + rm_rate * (R_bndy(c) - mean R_bndy - tau2))
-
-*Reweight* multiplies the losses of class ``c``: with the TRADES base (FRL's own), the clean CE by
-``1 + phi_nat(c)`` and the KL (boundary) term by ``1 + phi_bndy(c)`` (through the per-example beta);
-with the PGD-AT base, whose single adversarial CE carries both errors, by ``1 + phi_nat(c) + phi_bndy(c)``
-(set here). *Remargin* trains class ``c`` with the budget ``eps * min(1 + phi_rm(c), max_eps_factor)``.
-
-Hyper-parameters (``CSRTrainingArguments``): ``frl_tau_clean`` = tau1 and ``frl_tau_boundary`` = tau2
-(paper's best RWRM settings: 0.05/0.05 and 0.07/0.07; default 0.05), ``frl_rw_rate`` and ``frl_rm_rate``
-(the multipliers' step sizes; set here: 0.05), ``frl_max_eps_factor`` (cap of the remargined budget; set
-here: 2.0), ``fairness_val_size`` (the validation split). With both rates 0 the multipliers stay 0 and
-the update is exactly the base method's. Combinable with ``pgd``/``trades`` and AWP. The paper fine-tunes
-a pre-trained model (80 epochs in the CSR paper's Table 1); nothing here requires that.
+With both rates 0 the multipliers stay 0 and the update is exactly the base method's. The paper's two
+configurations are ``--frl_tau 0.05`` and ``--frl_tau 0.07`` (the default). Settings, the original's
+values and the remaining differences: docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -34,49 +31,77 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import rules
 from .base import FairnessConfig, FairnessMethod
 from .registry import register_fairness_method
-from .common import class_statistics, class_to_example_weights, validation_tensors
 
-__all__ = ["FRL", "FRLConfig", "frl_multiplier_update"]
+__all__ = ["FRL", "FRLConfig"]
 
 logger = logging.getLogger(__name__)
 
+VAL_SIZE_HELP = ("FRL / CFA / WAT: images held out of the training set as the validation split, in total "
+                 "(divided evenly over the classes); unset: the original's count per class (FRL and WAT 300, "
+                 "CFA 100). A CSRTrainer(fairness_validation_dataset=...) replaces the held-out split.")
 
-def frl_multiplier_update(multiplier: torch.Tensor, errors: torch.Tensor, tau: float, rate: float) -> torch.Tensor:
-    """One projected ascent step: ``max(0, phi + rate * (errors - mean(errors) - tau))``."""
-    violation = errors - errors.mean() - tau
-    return (multiplier + rate * violation).clamp_min(0.0)
+
+def held_out_per_class(val_size: Optional[int], num_classes: int, original: int) -> int:
+    """Images per class to hold out: ``val_size // K`` when given, else the original's count."""
+    return original if val_size is None else max(1, int(val_size) // num_classes)
+
+
+def _finite(flag: str, value, *, minimum: float = 0.0) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{flag} must be a finite number >= {minimum:g}; got {value!r}.")
+
+
+def _val_size(value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"fairness_val_size must be a positive integer or unset; got {value!r}.")
 
 
 @dataclass
 class FRLConfig(FairnessConfig):
-    """FRL's settings (flags ``--frl_*`` and ``--fairness_val_size``)."""
+    """FRL-RWRM's settings (flags ``--frl_*``; defaults are ``frlrmrw.py``'s)."""
 
-    tau_clean: float = field(default=0.05, metadata={"help": "FRL tau1: allowed excess clean error per class (paper: 0.05 or 0.07)."})
-    tau_boundary: float = field(default=0.05, metadata={"help": "FRL tau2: allowed excess boundary error per class (paper: 0.05 or 0.07)."})
-    rw_rate: float = field(default=0.05, metadata={"help": "FRL reweight multipliers' step size per epoch (0 disables reweighting; set here)."})
-    rm_rate: float = field(default=0.05, metadata={"help": "FRL remargin multipliers' step size per epoch (0 disables remargin; set here)."})
-    max_eps_factor: float = field(default=2.0, metadata={"help": "FRL: cap of the remargined budget as a multiple of attack_eps (>= 1; set here)."})
-    val_size: int = field(
-        default=1000,
-        metadata={"help": "FRL / WAT / CFA: size of the class-balanced validation split drawn from the training set "
-                          "when CSRTrainer(fairness_validation_dataset=...) is not given (set here).",
-                  "flag": "fairness_val_size"},
-    )
+    tau: float = field(default=0.07, metadata={"help": "FRL: allowed excess of a class's clean and boundary error over "
+                                                        "the overall one (original: --bound0/--bound1 0.07; the paper "
+                                                        "reports 0.05 and 0.07)."})
+    tau_clean: Optional[float] = field(default=None, metadata={"help": "FRL: tau of the clean-error constraint alone "
+                                                                        "(unset: frl_tau; original: --bound0)."})
+    tau_boundary: Optional[float] = field(default=None, metadata={"help": "FRL: tau of the boundary-error constraint alone "
+                                                                           "(unset: frl_tau; original: --bound1)."})
+    rw_rate: float = field(default=0.05, metadata={"help": "FRL: step size of the reweighting multipliers per epoch "
+                                                            "(0 disables reweighting; original: --rate1 0.05)."})
+    rm_rate: float = field(default=0.2, metadata={"help": "FRL: step size of the remargin multipliers per epoch "
+                                                           "(0 disables remargin; original: --rate2 0.2)."})
+    limit: float = field(default=0.5, metadata={"help": "FRL: the reweighting multipliers are rescaled to sum at most "
+                                                         "this (original: --lim 0.5)."})
+    rate_halving: int = field(default=40, metadata={"help": "FRL: the reweighting step size halves every this many "
+                                                             "epochs (0: never; original: 40, hard-coded)."})
+    val_attack_steps: int = field(default=20, metadata={"help": "FRL: PGD steps of the validation attack (original: 20)."})
+    val_size: Optional[int] = field(default=None, metadata={"help": VAL_SIZE_HELP, "flag": "fairness_val_size"})
 
     def __post_init__(self) -> None:
-        for name in ("tau_clean", "tau_boundary", "rw_rate", "rm_rate"):
-            _nonnegative(f"frl_{name}", getattr(self, name))
-        if not isinstance(self.max_eps_factor, (int, float)) or not math.isfinite(self.max_eps_factor) or self.max_eps_factor < 1:
-            raise ValueError(f"frl_max_eps_factor must be >= 1; got {self.max_eps_factor}.")
-        if not isinstance(self.val_size, int) or isinstance(self.val_size, bool) or self.val_size < 1:
-            raise ValueError(f"fairness_val_size must be a positive integer; got {self.val_size!r}.")
+        _finite("frl_tau", self.tau)
+        for name in ("tau_clean", "tau_boundary"):
+            if getattr(self, name) is not None:
+                _finite(f"frl_{name}", getattr(self, name))
+        _finite("frl_rw_rate", self.rw_rate)
+        _finite("frl_rm_rate", self.rm_rate)
+        _finite("frl_limit", self.limit)
+        if self.limit >= 1:
+            raise ValueError(f"frl_limit must lie in [0, 1) (the class weights 1/K + lambda_c - mean(lambda) must stay "
+                             f"positive); got {self.limit}.")
+        for name in ("rate_halving", "val_attack_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rate_halving" else 1):
+                raise ValueError(f"frl_{name} must be an integer >= {0 if name == 'rate_halving' else 1}; got {value!r}.")
+        _val_size(self.val_size)
 
-
-def _nonnegative(flag: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{flag} must be a finite number >= 0; got {value!r}.")
+    @property
+    def taus(self):
+        return (self.tau if self.tau_clean is None else self.tau_clean,
+                self.tau if self.tau_boundary is None else self.tau_boundary)
 
 
 @register_fairness_method("frl")
@@ -86,75 +111,100 @@ class FRL(FairnessMethod):
     def __init__(self, config: FRLConfig, context) -> None:
         super().__init__(config, context)
         k = context.num_classes
-        self.phi_nat = torch.zeros(k, dtype=torch.float64)
-        self.phi_bndy = torch.zeros(k, dtype=torch.float64)
-        self.phi_rm = torch.zeros(k, dtype=torch.float64)
+        self.multipliers = torch.zeros(3, k, dtype=torch.float64)  # clean reweight, boundary reweight, remargin
         self.updated_epoch = -1
         self.last_errors: Dict[str, float] = {}
         self._validation = None
+        self._batch = (None, None)  # (labels of the micro-batch, its global class counts)
+        if self.active:
+            self._validation = context.hold_out_validation(held_out_per_class(config.val_size, k, 300))
 
-    # ------------------------------------------------------------------ multipliers
-    def eps_factors(self) -> torch.Tensor:
-        return (1.0 + self.phi_rm).clamp(max=self.config.max_eps_factor)
+    @property
+    def active(self) -> bool:
+        return self.config.rw_rate > 0 or self.config.rm_rate > 0
 
-    def update_multipliers(self, stats) -> None:
+    # ------------------------------------------------------------------ the epoch update
+    def update_multipliers(self, stats, epoch: int) -> None:
         config = self.config
-        self.phi_nat = frl_multiplier_update(self.phi_nat, stats.clean_error, config.tau_clean, config.rw_rate)
-        self.phi_bndy = frl_multiplier_update(self.phi_bndy, stats.boundary_error, config.tau_boundary, config.rw_rate)
-        self.phi_rm = frl_multiplier_update(self.phi_rm, stats.boundary_error, config.tau_boundary, config.rm_rate)
-        self.last_errors = {
-            "frl_worst_clean_error": float(stats.clean_error.max()),
-            "frl_worst_boundary_error": float(stats.boundary_error.max()),
-        }
+        n = float(stats.counts.sum())
+        # overall errors over all images (the original's 1 - correct / N), from the class-wise ones
+        total_clean = float((stats.clean_error * stats.counts).sum()) / n
+        total_bndy = float((stats.boundary_error * stats.counts).sum()) / n
+        tau_clean, tau_bndy = config.taus
+        self.multipliers = rules.frl_update_multipliers(
+            self.multipliers, stats.clean_error, stats.boundary_error, total_clean, total_bndy,
+            tau_clean=tau_clean, tau_boundary=tau_bndy, rate_reweight=rules.frl_reweight_rate(config.rw_rate, epoch, config.rate_halving),
+            rate_remargin=config.rm_rate, limit=config.limit)
+        self.last_errors = {"frl_worst_clean_error": float(stats.clean_error.max()),
+                            "frl_worst_boundary_error": float(stats.boundary_error.max())}
 
     def on_epoch_begin(self, epoch: int) -> None:
-        args, config = self.args, self.config
-        if epoch == self.updated_epoch or (config.rw_rate == 0 and config.rm_rate == 0):
+        if epoch == self.updated_epoch or not self.active:
             return
-        if self._validation is None:
-            self._validation = validation_tensors(self.context, config.val_size)
         images, labels = self._validation
-        eps = float(args.attack_eps) * self.eps_factors()
-        stats = class_statistics(self.context, images, labels, tag=("frl", epoch), eps=eps)
-        self.update_multipliers(stats)
+        stats = self.context.class_statistics(images, labels, tag=("frl", epoch), steps=self.config.val_attack_steps)
+        self.update_multipliers(stats, epoch)
         self.updated_epoch = epoch
-        logger.info("FRL epoch %d: phi_nat=%s phi_bndy=%s eps factors=%s", epoch,
-                    [round(v, 4) for v in self.phi_nat.tolist()], [round(v, 4) for v in self.phi_bndy.tolist()],
+        logger.info("FRL epoch %d: clean weights %s, boundary weights %s, budget factors %s", epoch,
+                    [round(v, 4) for v in self.class_weights(0).tolist()], [round(v, 4) for v in self.class_weights(1).tolist()],
                     [round(v, 4) for v in self.eps_factors().tolist()])
 
-    # ------------------------------------------------------------------ per step
+    # ------------------------------------------------------------------ what the trainer applies
+    def class_weights(self, which: int) -> torch.Tensor:
+        return rules.frl_class_weights(self.multipliers[which])
+
+    def eps_factors(self) -> torch.Tensor:
+        return rules.frl_eps_factors(self.multipliers[2])
+
+    def _reweighting(self) -> bool:
+        return bool((self.multipliers[:2] != 0).any())
+
+    def _normalised(self, class_weights: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """``w[y] / mean over the global batch of w[y]`` (so ``mean(result * l) = sum(w l) / sum(w)`` globally)."""
+        if self._batch[0] is not labels:  # one all-reduce per micro-batch (trades_beta and example_weights share it)
+            _, counts = self.context.class_sums(torch.zeros_like(labels, dtype=torch.float64), labels)
+            self._batch = (labels, counts.cpu())
+        counts = self._batch[1]
+        mean = float((counts * class_weights).sum() / counts.sum())
+        return (class_weights / mean).to(device=labels.device, dtype=torch.float32)[labels]
+
     def attack_budget(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        if not bool((self.phi_rm > 0).any()):
+        factors = self.eps_factors()
+        if not bool((factors != 1).any()):
             return None
-        return class_to_example_weights(float(self.args.attack_eps) * self.eps_factors(), labels)
+        return (float(self.args.attack_eps) * factors).to(device=labels.device, dtype=torch.float32)[labels]
+
+    def attack_step_size(self, labels: torch.Tensor, eps) -> Optional[float]:
+        factors = self.eps_factors()
+        if not bool((factors != 1).any()):
+            return None
+        # the original: max(budget in the batch) / 4, for every example; here the largest class budget
+        return float(self.args.attack_step_size) * float(factors.max())
 
     def example_weights(self, labels: torch.Tensor, losses: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.args.base_loss == "trades":
-            weights = 1.0 + self.phi_nat
-        else:
-            weights = 1.0 + self.phi_nat + self.phi_bndy
-        if not bool((weights != 1).any()):
+        if not self._reweighting():
             return None
-        return class_to_example_weights(weights, labels)
+        if self.args.base_loss == "trades":
+            return self._normalised(self.class_weights(0), labels)
+        return self._normalised(0.5 * (self.class_weights(0) + self.class_weights(1)), labels)
 
     def trades_beta(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
-        if not bool((self.phi_bndy > 0).any() or (self.phi_nat > 0).any()):
+        if not self._reweighting():
             return None
-        # weights * beta_c * KL = beta * (1 + phi_bndy) * KL given weights = 1 + phi_nat
-        beta = self.args.trades_beta * (1.0 + self.phi_bndy) / (1.0 + self.phi_nat)
-        return class_to_example_weights(beta, labels)
+        # weights * beta_i * KL = beta * w_bndy[y] / mean(w_bndy[y]) * KL, given weights = w_nat[y] / mean(w_nat[y])
+        nat = self._normalised(self.class_weights(0), labels)
+        bndy = self._normalised(self.class_weights(1), labels)
+        return float(self.args.trades_beta) * bndy / nat
 
     def log_metrics(self) -> Dict[str, float]:
-        return {"frl_max_phi_nat": float(self.phi_nat.max()), "frl_max_phi_bndy": float(self.phi_bndy.max()),
+        return {"frl_max_clean_weight": float(self.class_weights(0).max()) * self.num_classes,
+                "frl_max_boundary_weight": float(self.class_weights(1).max()) * self.num_classes,
                 "frl_max_eps_factor": float(self.eps_factors().max()), **self.last_errors}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> Dict[str, Any]:
-        return {"phi_nat": self.phi_nat, "phi_bndy": self.phi_bndy, "phi_rm": self.phi_rm,
-                "updated_epoch": self.updated_epoch}
+        return {"multipliers": self.multipliers, "updated_epoch": self.updated_epoch}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.phi_nat = state["phi_nat"].double()
-        self.phi_bndy = state["phi_bndy"].double()
-        self.phi_rm = state["phi_rm"].double()
+        self.multipliers = state["multipliers"].double()
         self.updated_epoch = int(state["updated_epoch"])

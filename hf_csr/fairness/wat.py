@@ -1,14 +1,18 @@
 """WAT -- Worst-class Adversarial Training (Boqi Li and Weiwei Liu; AAAI 2023).
 
-WAT treats the worst-class robust risk as a game between the model and a class-weighting player
-who runs a no-regret algorithm (exponential weights / Hedge): before every epoch, the class-wise
-adversarial cross-entropy on a validation split is added to a running sum ``L_c``, and the class
-weights are ``w = softmax(eta * L)``. Training examples are weighted by ``K * w_{y_i}`` (so uniform
-weights give weight 1 and the loss's scale is kept).
+Ported from the authors' release (``boqili/WAT`` @ 62d1184: ``worst_class_adversarial_train.py``; the
+rules are :mod:`hf_csr.fairness.rules`). A Hedge (exponential weights) player over K + 1 entries -- the
+K classes and their average -- weighs the training loss: each example weighs ``w_y + w_avg``. Epoch 0
+trains with all K + 1 weights 1 (the original's initialisation); before every later epoch, the TRADES
+loss ``CE(f(x), y) + beta KL(f(x) || f(x'))`` under the TRADES attack (the training attack's eps, step
+and steps, KL loss, start ``x + 0.001 N(0, I)``) on a validation split held out of the training set
+gives the costs ``K S_c / M`` per class and ``S / M`` for the average (``S_c`` the class's summed loss
+over the global split, ``M`` its size), and ``w = K softmax(eta * cumulative costs)``.
 
-Hyper-parameters: ``wat_eta`` (the Hedge learning rate; set here: 0.1) and ``fairness_val_size``.
-``wat_eta = 0`` keeps the weights uniform: exactly the base method's update. The CSR paper reports
-WAT with the TRADES base (WAT_TRADES); ``pgd`` and AWP combine as well.
+``wat_normalize_loss`` divides the loss by its value at equal weights (2 in epoch 0, ``2K / (K + 1)``
+later; not in the original), so that ``wat_eta = 0`` is exactly the base update. The original trains
+with TRADES (WAT_TRADES); ``pgd`` and AWP combine too. Settings, the original's values and the remaining
+differences: docs/baselines.md.
 """
 
 from __future__ import annotations
@@ -20,37 +24,33 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from . import rules
 from .base import FairnessConfig, FairnessMethod
+from .frl import VAL_SIZE_HELP, _val_size, held_out_per_class
 from .registry import register_fairness_method
-from .common import class_statistics, class_to_example_weights, validation_tensors
 
-__all__ = ["WAT", "WATConfig", "hedge_weights"]
+__all__ = ["WAT", "WATConfig"]
 
 logger = logging.getLogger(__name__)
 
 
-def hedge_weights(cumulative_loss: torch.Tensor, eta: float) -> torch.Tensor:
-    """``softmax(eta * cumulative_loss)`` in float64."""
-    return torch.softmax(eta * cumulative_loss.double(), dim=0)
-
-
 @dataclass
 class WATConfig(FairnessConfig):
-    """WAT's settings (flags ``--wat_eta`` and ``--fairness_val_size``)."""
+    """WAT's settings (flags ``--wat_*``; defaults are ``worst_class_adversarial_train.py``'s)."""
 
-    eta: float = field(default=0.1, metadata={"help": "WAT: Hedge learning rate on the cumulative class-wise validation loss (0 = base method; set here)."})
-    val_size: int = field(
-        default=1000,
-        metadata={"help": "FRL / WAT / CFA: size of the class-balanced validation split drawn from the training set "
-                          "when CSRTrainer(fairness_validation_dataset=...) is not given (set here).",
-                  "flag": "fairness_val_size"},
-    )
+    eta: float = field(default=0.1, metadata={"help": "WAT: Hedge learning rate on the cumulative validation costs "
+                                                       "(original: --eta 0.1)."})
+    normalize_loss: bool = field(default=False, metadata={"help": "WAT: divide the loss by its value at equal weights "
+                                                                   "(2 in epoch 0, 2K/(K+1) later) so that wat_eta = 0 "
+                                                                   "is exactly the base update (original: not divided)."})
+    val_size: Optional[int] = field(default=None, metadata={"help": VAL_SIZE_HELP, "flag": "fairness_val_size"})
 
     def __post_init__(self) -> None:
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) or self.eta < 0:
             raise ValueError(f"wat_eta must be a finite number >= 0; got {self.eta!r}.")
-        if not isinstance(self.val_size, int) or isinstance(self.val_size, bool) or self.val_size < 1:
-            raise ValueError(f"fairness_val_size must be a positive integer; got {self.val_size!r}.")
+        if not isinstance(self.normalize_loss, bool):
+            raise ValueError(f"wat_normalize_loss must be true or false; got {self.normalize_loss!r}.")
+        _val_size(self.val_size)
 
 
 @register_fairness_method("wat")
@@ -60,36 +60,52 @@ class WAT(FairnessMethod):
     def __init__(self, config: WATConfig, context) -> None:
         super().__init__(config, context)
         k = context.num_classes
-        self.cumulative_loss = torch.zeros(k, dtype=torch.float64)
-        self.weights = torch.full((k,), 1.0 / k, dtype=torch.float64)
+        self.cumulative_costs: Optional[torch.Tensor] = None  # (K + 1,), None before the first validation
         self.updated_epoch = -1
         self._validation = None
+        if config.eta > 0:  # at eta = 0 the weights never move: nothing to validate, nothing held out
+            self._validation = context.hold_out_validation(held_out_per_class(config.val_size, k, 300))
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """The K + 1 Hedge weights (K classes, then the average), summing to K (K + 1 in epoch 0)."""
+        return rules.wat_class_weights(self.cumulative_costs, self.config.eta, self.num_classes)
 
     def on_epoch_begin(self, epoch: int) -> None:
-        config = self.config
-        if epoch == self.updated_epoch or config.eta == 0:
-            return
-        if self._validation is None:
-            self._validation = validation_tensors(self.context, config.val_size)
+        if epoch == 0 or epoch == self.updated_epoch or self._validation is None:
+            return  # epoch 0 trains with the initial weights; at eta = 0 they stay equal
         images, labels = self._validation
-        stats = class_statistics(self.context, images, labels, tag=("wat", epoch))
-        self.cumulative_loss += stats.robust_loss
-        self.weights = hedge_weights(self.cumulative_loss, config.eta)
+        beta = float(self.args.trades_beta)
+        stats = self.context.class_statistics(images, labels, tag=("wat", epoch), attack_loss="kl",
+                                              random_start="gaussian", trades_beta=beta)
+        sums = stats.trades_loss * stats.counts  # class sums S_c of CE(clean) + beta KL (global)
+        costs = rules.wat_validation_costs(sums, float(stats.counts.sum()))
+        self.cumulative_costs = costs if self.cumulative_costs is None else self.cumulative_costs + costs
         self.updated_epoch = epoch
-        logger.info("WAT epoch %d: class weights %s", epoch, [round(v, 4) for v in self.weights.tolist()])
+        logger.info("WAT epoch %d: weights %s (classes, then the average)", epoch, [round(v, 4) for v in self.weights.tolist()])
 
     def example_weights(self, labels: torch.Tensor, losses: torch.Tensor) -> Optional[torch.Tensor]:
-        if self.updated_epoch < 0:
-            return None
-        return class_to_example_weights(self.weights * self.num_classes, labels)
+        w = self.weights
+        per_class = w[:-1] + w[-1]  # each example weighs w_y + w_avg
+        if self.config.normalize_loss:
+            equal = rules.wat_class_weights(None if self.cumulative_costs is None else torch.zeros_like(self.cumulative_costs),
+                                            self.config.eta, self.num_classes)
+            per_class = per_class / (equal[0] + equal[-1])
+            if not bool((per_class != 1).any()):
+                return None
+        return per_class.to(device=labels.device, dtype=torch.float32)[labels]
 
     def log_metrics(self) -> Dict[str, float]:
-        return {"wat_max_class_weight": float(self.weights.max() * self.num_classes)}
+        w = self.weights
+        return {"wat_max_class_weight": float(w[:-1].max()), "wat_average_weight": float(w[-1])}
 
     def state_dict(self) -> Dict[str, Any]:
-        return {"cumulative_loss": self.cumulative_loss, "weights": self.weights, "updated_epoch": self.updated_epoch}
+        state: Dict[str, Any] = {"updated_epoch": self.updated_epoch}
+        if self.cumulative_costs is not None:
+            state["cumulative_costs"] = self.cumulative_costs
+        return state
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        self.cumulative_loss = state["cumulative_loss"].double()
-        self.weights = state["weights"].double()
         self.updated_epoch = int(state["updated_epoch"])
+        costs = state.get("cumulative_costs")
+        self.cumulative_costs = None if costs is None else costs.double()
