@@ -211,16 +211,20 @@ def _normalised(model, x):
 
 
 @pytest.mark.parametrize("backbone, kwargs", [("wrn28_10_ddpm", dict(depth=10, width=1)),
-                                              ("test_tiny_convnet", dict(width=4))])
+                                              ("test_resnet", {})])  # one of timm's own small models
 def test_pushed_model_loads_with_timm_hf_hub(local_hub, tmp_path, backbone, kwargs):
     from hf_csr.hub import push_checkpoint
 
     torch.manual_seed(0)
     model = fmnist_model(backbone, **kwargs).eval()
-    with torch.no_grad():
-        for buffer in model.backbone.buffers():  # non-trivial BatchNorm statistics
-            if buffer.is_floating_point():
+    with torch.no_grad():  # as after training: non-trivial BatchNorm statistics, no zero-initialised weights
+        for name, buffer in model.backbone.named_buffers():
+            if name.endswith("running_var"):
                 buffer.uniform_(0.5, 1.5)
+            elif name.endswith("running_mean"):
+                buffer.uniform_(-0.1, 0.1)
+        for parameter in model.backbone.parameters():
+            parameter.add_(torch.randn_like(parameter), alpha=0.1)
     directory = tmp_path / "run"
     model.save_pretrained(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -246,6 +250,13 @@ def test_pushed_model_loads_with_timm_hf_hub(local_hub, tmp_path, backbone, kwar
     data_config = timm.data.resolve_data_config(model=timm_model)
     assert data_config["mean"] == pytest.approx(tuple(model.config.image_mean))
     assert data_config["input_size"] == (1, 28, 28)
+
+
+def test_backbone_without_timm_metadata_saves_as_before(tmp_path):
+    model = fmnist_model("test_tiny_convnet")  # a plain nn.Module registered by hand: no pretrained_cfg
+    model.save_pretrained(tmp_path)
+    assert "architecture" not in json.loads((tmp_path / "config.json").read_text())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_save_pretrained_merges_timm_keys_without_breaking_transformers(tmp_path):

@@ -34,26 +34,32 @@ def get_activation(name: str) -> Type[nn.Module]:
 
 # --------------------------------------------------------------------------- gradient checkpointing
 @contextlib.contextmanager
-def _replay_batchnorm(states: List[Tuple[_BatchNorm, bool]]):
-    """During a recomputation: each BatchNorm in the mode it had in the original forward, and with its
-    running statistics left as they are (the original forward already updated them once).
+def _replay_batchnorm(states: List[Tuple[_BatchNorm, bool, bool]]):
+    """During a recomputation: each BatchNorm in the state it had in the original forward (``training``,
+    ``track_running_stats``: e.g. AWP and the attacks freeze the statistics for their forward, and backward
+    runs after they restored them), and with its running statistics left as they are (the original
+    forward already updated them once).
 
     ``momentum = 0`` makes the train-mode update ``running * 1 + batch * 0``, i.e. no change, while the
     recomputation runs the very same operation as the original forward (non-reentrant checkpointing
     checks that the same tensors are saved); ``num_batches_tracked`` is put back afterwards.
     """
-    current = [(module, module.training, module.momentum) for module, _ in states]
+    current = [(module, module.training, module.track_running_stats, module.momentum) for module, _, _ in states]
     counts = [
-        (module, module.num_batches_tracked.clone()) for module, _ in states if module.num_batches_tracked is not None
+        (module, module.num_batches_tracked.clone())
+        for module, _, _ in states
+        if module.num_batches_tracked is not None
     ]
     try:
-        for module, training in states:
+        for module, training, track in states:
             module.training = training
+            module.track_running_stats = track
             module.momentum = 0.0
         yield
     finally:
-        for module, training, momentum in current:
+        for module, training, track, momentum in current:
             module.training = training
+            module.track_running_stats = track
             module.momentum = momentum
         with torch.no_grad():
             for module, count in counts:
@@ -64,7 +70,7 @@ def _context_for(block: nn.Module) -> Callable:
     batchnorms = [m for m in block.modules() if isinstance(m, _BatchNorm)]
 
     def context_fn():
-        states = [(m, m.training) for m in batchnorms]  # captured at forward time
+        states = [(m, m.training, m.track_running_stats) for m in batchnorms]  # captured at forward time
         return contextlib.nullcontext(), _replay_batchnorm(states)
 
     return context_fn

@@ -72,6 +72,7 @@ class PreActResNet(TimmBackboneMixin, nn.Module):
         if width < 1 or len(num_blocks) != 4 or min(num_blocks) < 1:
             raise ValueError(f"width must be >= 1 and num_blocks four positive integers; got {width}, {num_blocks}.")
         act = get_activation(act_layer)
+        self.in_chans = in_chans
         self.grad_checkpointing = False
         self.conv1 = nn.Conv2d(in_chans, width, 3, stride=1, padding=1, bias=False)
         self.feature_info = [dict(num_chs=width, reduction=1, module="conv1")]

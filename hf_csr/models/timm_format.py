@@ -87,8 +87,15 @@ def write_timm_hub_files(model, save_directory: str, variant: Optional[str] = No
     """Add timm's Hub format to the ``save_pretrained`` directory of ``model`` (a ``RobustImageClassifier``):
     merge the timm keys into ``config.json`` (rewritten atomically) and, for a backbone hf_csr does not
     register, write :data:`TIMM_WEIGHTS_NAME`. Returns False (and changes nothing) when the weights were
-    saved sharded or as a variant, which timm cannot read."""
+    saved sharded or as a variant, which timm cannot read, or when the backbone was not built by timm's
+    ``build_model_with_cfg`` (no ``pretrained_cfg``: a plain ``nn.Module`` registered by hand)."""
     config_path = os.path.join(save_directory, "config.json")
+    if not isinstance(getattr(model.backbone, "pretrained_cfg", None), dict):
+        logger.info(
+            "Not adding timm's Hub format to %s: backbone %r has no timm pretrained_cfg (it was not built with "
+            "timm's build_model_with_cfg).", save_directory, model.config.backbone,
+        )
+        return False
     if variant is not None or not os.path.isfile(os.path.join(save_directory, _HF_WEIGHTS_NAME)):
         logger.info(
             "Not adding timm's Hub format to %s: the weights are sharded or saved as a variant; timm reads a single "

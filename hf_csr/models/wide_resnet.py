@@ -152,6 +152,7 @@ class WideResNet(TimmBackboneMixin, nn.Module):
             bn_momentum=default_momentum if bn_momentum is None else bn_momentum,
         )
         self.layout = layout
+        self.in_chans = in_chans
         self.grad_checkpointing = False
         n = (depth - 4) // 6
         channels = (16, 16 * width, 32 * width, 64 * width)
