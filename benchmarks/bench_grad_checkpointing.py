@@ -52,7 +52,7 @@ def main() -> None:
             loss = F.cross_entropy(model(x).logits, y)
             loss.backward()
             optimizer.step()
-            losses.setdefault(name, []).append(float(loss))
+            losses.setdefault(name, []).append(loss.item())
         return run
 
     fns = {"plain": step(plain, "plain"), "checkpointed": step(ckpt, "checkpointed")}

@@ -13,6 +13,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.models import checkpoint_seq
+from timm.optim import param_groups_layer_decay
 
 import hf_csr  # noqa: F401
 from hf_csr import CSRTrainer, CSRTrainingArguments
@@ -83,6 +84,11 @@ def test_features_only_returns_stage_outputs_with_feature_info(name, kwargs, exp
         assert torch.equal(got[0], reference[1]) and torch.equal(got[1], reference[-1])
         for a, b in zip(extractor(feature_cls="getter")(X), reference, strict=True):
             assert torch.equal(a, b)
+        pruned = extractor(feature_cls="getter", out_indices=(1, 2))  # prune_intermediate_layers drops the rest
+        assert pruned.feature_info.channels() == [expected[1][1], expected[2][1]]
+        assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in features.parameters())
+        for a, b in zip(pruned(X), reference[1:3], strict=True):
+            assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("name, kwargs, expected", FAMILIES, ids=IDS)
@@ -99,6 +105,8 @@ def test_forward_intermediates_and_head_api(name, kwargs, expected):
         assert torch.allclose(model.get_classifier()(pre), model(X))
         model.reset_classifier(0, "")
         assert model(X).shape == final.shape and model.num_classes == 0
+    groups = param_groups_layer_decay(model, weight_decay=0.0, layer_decay=0.5)  # via group_matcher
+    assert len({g["lr_scale"] for g in groups}) >= 3
     bare = timm.create_model(name, num_classes=0, global_pool="", **kwargs).eval()
     assert isinstance(bare.get_classifier(), torch.nn.Identity)
     with torch.no_grad():
