@@ -28,6 +28,7 @@ PUSH_PATTERNS = (
     "model.safetensors",
     "model-*.safetensors",
     "model.safetensors.index.json",
+    "timm_model.safetensors",  # timm's Hub-format weights of a backbone hf_csr does not register (models/timm_format.py)
     "README.md",
     "results.json",
     "*.png",

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from torch.utils.checkpoint import checkpoint as torch_checkpoint
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..utils import check_pixel_values, input_checks_enabled
+from .timm_format import TIMM_CONFIG_KEYS, write_timm_hub_files
 
 __all__ = ["RobustClassifierConfig", "RobustImageClassifier", "create_robust_classifier", "MAX_PARAMETERS"]
 
@@ -108,6 +110,9 @@ class RobustClassifierConfig(PreTrainedConfig):
         if any(v <= 0 for v in self.image_std):
             raise ValueError(f"image_std must be positive; got {self.image_std}.")
         self.threat_model = _check_threat_model(self.threat_model)
+        for key in TIMM_CONFIG_KEYS:  # timm's Hub-format keys in config.json (see timm_format.py): not ours
+            kwargs.pop(key, None)
+            self.__dict__.pop(key, None)
         super().__post_init__(**kwargs)
         if not isinstance(self.num_labels, int) or not 2 <= self.num_labels <= _MAX_CLASSES:
             raise ValueError(f"num_labels must be an integer in [2, {_MAX_CLASSES}]; got {self.num_labels!r}.")
@@ -135,6 +140,7 @@ class RobustImageClassifier(PreTrainedModel):
     base_model_prefix = "backbone"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: RobustClassifierConfig) -> None:
         super().__init__(config)
@@ -177,6 +183,59 @@ class RobustImageClassifier(PreTrainedModel):
     @property
     def num_labels(self) -> int:
         return self.config.num_labels
+
+    # ------------------------------------------------------------------ gradient checkpointing
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func=torch_checkpoint, every_n_layers: int = 1
+    ) -> None:
+        """What ``gradient_checkpointing_enable()`` / ``TrainingArguments(gradient_checkpointing=True)`` reach:
+        the timm backbone's ``set_grad_checkpointing``. hf_csr's backbones checkpoint every residual block,
+        non-reentrant (input gradients for the attacks flow through), with BatchNorm statistics updated once."""
+        if enable:
+            func = getattr(gradient_checkpointing_func, "func", gradient_checkpointing_func)
+            options = dict(getattr(gradient_checkpointing_func, "keywords", None) or {})
+            if func is not torch_checkpoint:
+                raise ValueError(
+                    "RobustImageClassifier supports plain activation checkpointing only (no `offload`): the timm "
+                    "backbone checkpoints its own residual blocks."
+                )
+            if options.get("use_reentrant", False):
+                raise ValueError(
+                    "gradient_checkpointing_kwargs={'use_reentrant': True} is not supported: the attacks need input "
+                    "gradients through the checkpointed blocks, which reentrant checkpointing does not give. Drop "
+                    "use_reentrant (the backbone always uses non-reentrant checkpointing)."
+                )
+            if every_n_layers != 1:
+                raise ValueError(f"every_n_layers must be 1 (the backbone checkpoints every block); got {every_n_layers}.")
+        setter = getattr(self.backbone, "set_grad_checkpointing", None)
+        if setter is None:
+            raise ValueError(
+                f"backbone {self.config.backbone!r} has no set_grad_checkpointing(), so it cannot use gradient "
+                "checkpointing; train without gradient_checkpointing or pick a timm model that supports it."
+            )
+        try:
+            setter(enable)
+        except (AssertionError, NotImplementedError, RuntimeError) as error:
+            raise ValueError(
+                f"backbone {self.config.backbone!r} does not support gradient checkpointing ({error}); train without "
+                "gradient_checkpointing."
+            ) from error
+        self.gradient_checkpointing = bool(enable)
+
+    # ------------------------------------------------------------------ saving
+    def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
+        """``PreTrainedModel.save_pretrained``, plus timm's Hub format in the same directory (see
+        :mod:`hf_csr.models.timm_format`): ``timm.create_model("hf-hub:<repo>", pretrained=True)`` loads the
+        backbone from a pushed directory. That timm model expects *normalised* inputs."""
+        push = kwargs.pop("push_to_hub", False)
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+        result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            write_timm_hub_files(self, str(save_directory), variant=kwargs.get("variant"))
+            if push:  # after the timm files exist (transformers would upload before they are written)
+                hub.setdefault("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
+                self.push_to_hub(token=kwargs.get("token"), **hub)
+        return result
 
     def forward(
         self,

@@ -31,10 +31,8 @@ TRADES key                                     hf_csr key
 =============================================  ==============================================
 """
 
-from __future__ import annotations
-
 import re
-from typing import Dict, Mapping, Optional
+from typing import Dict, List, Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -48,9 +46,11 @@ from ._common import (
     CIFAR10_STD,
     IDENTITY_MEAN,
     IDENTITY_STD,
-    ClassifierHeadMixin,
+    TimmBackboneMixin,
+    checkpoint_blocks,
     get_activation,
     init_like_wide_resnet,
+    unwrap_robust_classifier,
 )
 
 __all__ = [
@@ -110,10 +110,17 @@ class WideResNetGroup(nn.Module):
         return self.block(x)
 
 
-class WideResNet(ClassifierHeadMixin, nn.Module):
-    """WideResNet-``depth``-``width`` (pre-activation blocks, 3 groups of ``(depth - 4) / 6`` blocks)."""
+class WideResNet(TimmBackboneMixin, nn.Module):
+    """WideResNet-``depth``-``width`` (pre-activation blocks, 3 groups of ``(depth - 4) / 6`` blocks).
+
+    A full timm model: ``features_only=True`` (``feature_info``: the stem convolution, then each group's
+    output at reductions 1, 1, 2, 4), ``forward_intermediates``, ``set_grad_checkpointing`` (one segment
+    per residual block), ``reset_classifier``/``global_pool``, TorchScript and FX.
+    """
 
     classifier_name = "logits"
+    stem_name = "init_conv"
+    final_norm_names = ("batchnorm", "act")
 
     def __init__(
         self,
@@ -125,6 +132,7 @@ class WideResNet(ClassifierHeadMixin, nn.Module):
         act_layer: Optional[str] = None,
         same_padding: Optional[bool] = None,
         bn_momentum: Optional[float] = None,
+        global_pool: str = "avg",
         **kwargs,
     ) -> None:
         super().__init__()
@@ -144,7 +152,8 @@ class WideResNet(ClassifierHeadMixin, nn.Module):
             bn_momentum=default_momentum if bn_momentum is None else bn_momentum,
         )
         self.layout = layout
-        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.grad_checkpointing = False
         n = (depth - 4) // 6
         channels = (16, 16 * width, 32 * width, 64 * width)
         self.init_conv = nn.Conv2d(in_chans, channels[0], 3, stride=1, padding=1, bias=False)
@@ -153,14 +162,40 @@ class WideResNet(ClassifierHeadMixin, nn.Module):
             WideResNetGroup(n, channels[1], channels[2], 2, **block_kwargs),
             WideResNetGroup(n, channels[2], channels[3], 2, **block_kwargs),
         )
+        self.feature_info = [dict(num_chs=channels[0], reduction=1, module="init_conv")] + [
+            dict(num_chs=channels[g + 1], reduction=2**g, module=f"layer.{g}") for g in range(3)
+        ]
         self.batchnorm = nn.BatchNorm2d(channels[3], momentum=block_kwargs["bn_momentum"])
         self.act = act()
-        self.num_features = channels[3]
-        self.logits = nn.Linear(channels[3], num_classes) if num_classes > 0 else nn.Identity()
+        self._init_head(channels[3], num_classes, global_pool)
         init_like_wide_resnet(self)
 
+    @torch.jit.ignore
+    def stage_modules(self) -> List[nn.Sequential]:
+        return [group.block for group in self.layer]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> Dict[str, object]:
+        """Parameter groups for timm's layer-wise LR decay (``param_groups_layer_decay``)."""
+        return dict(
+            stem=r"^init_conv",
+            blocks=r"^layer\.(\d+)" if coarse else [(r"^layer\.(\d+)\.block\.(\d+)", None), (r"^batchnorm", (99999,))],
+        )
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.act(self.batchnorm(self.layer(self.init_conv(x))))
+        x = self.init_conv(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_blocks(self.checkpointed_blocks(), x)
+        else:
+            x = self.layer(x)
+        return self.act(self.batchnorm(x))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.global_pool(x)
+        return x if pre_logits else self.logits(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
 
 
 # --------------------------------------------------------------------------- checkpoint keys
@@ -219,8 +254,9 @@ def map_trades_keys(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.T
 
 
 def checkpoint_filter_fn(state_dict: Mapping, model: Optional[nn.Module] = None) -> Dict[str, torch.Tensor]:
-    """timm ``pretrained_filter_fn``: a published DDPM or TRADES checkpoint -> this module's keys."""
-    state = strip_wrapper_prefix(unwrap_checkpoint(state_dict))
+    """timm ``pretrained_filter_fn``: a published DDPM or TRADES checkpoint, or the ``model.safetensors``
+    of a saved ``RobustImageClassifier`` -> this module's keys."""
+    state = strip_wrapper_prefix(unwrap_robust_classifier(unwrap_checkpoint(state_dict)))
     if any(key.startswith(("block1.", "fc.", "sub_block1.")) for key in state):
         state = map_trades_keys(state)
     return state
@@ -282,7 +318,14 @@ def _create(variant: str, pretrained: bool, default_depth: int, default_width: i
     kwargs.setdefault("depth", default_depth)
     kwargs.setdefault("width", default_width)
     return build_model_with_cfg(
-        WideResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, layout=layout, **kwargs
+        WideResNet,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        # features_only: the stem and the three groups (layer.0, layer.1, layer.2 once flattened)
+        feature_cfg=dict(out_indices=(0, 1, 2, 3), flatten_sequential=True),
+        layout=layout,
+        **kwargs,
     )
 
 
