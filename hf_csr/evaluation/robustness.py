@@ -580,7 +580,7 @@ def evaluate_robustness(
         logger.warning(flag)
     randomness = _randomness(configs)
     settings = {
-        "device": shards.broadcast(str(device)),
+        "device": device.type,  # (not the index: cuda:0 and cuda:1 processes evaluate alike)
         "autocast": None if dtype is None else str(dtype).replace("torch.", ""),
         "autoattack_version": autoattack_version,
     }
