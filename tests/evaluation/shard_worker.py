@@ -114,8 +114,9 @@ def trainer_evaluation(model_dir: str, output_dir: str, batch_size: str) -> int:
     from hf_csr.data import load_fashion_mnist
 
     model = AutoModelForImageClassification.from_pretrained(model_dir)
-    args = CSRTrainingArguments(output_dir=output_dir, use_cpu=True, ddp_backend="gloo", seed=3, disable_tqdm=True,
-                                per_device_eval_batch_size=int(batch_size), report_to=[], attack_eps=4 / 255)
+    backend = {"ddp_backend": "gloo"} if int(os.environ.get("WORLD_SIZE", "1")) > 1 else {}
+    args = CSRTrainingArguments(output_dir=output_dir, use_cpu=True, seed=3, disable_tqdm=True, report_to=[],
+                                per_device_eval_batch_size=int(batch_size), attack_eps=4 / 255, **backend)
     trainer = CSRTrainer(model=model, args=args, eval_dataset=load_fashion_mnist("test", limit=24, seed=0))
     results = trainer.evaluate_and_report(attacks="clean,pgd10,cw10")
     # every process gets the results (broadcast), and they are the main process's
