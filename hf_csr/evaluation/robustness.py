@@ -33,7 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import shutil
+import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -117,6 +117,10 @@ class _Images:
         return images
 
 
+_PROGRESS_FOLDER = re.compile(r"[0-9a-f]{2}")
+_PROGRESS_FILE = re.compile(r"\.?[0-9a-f]{64}\.pt(\..*\.tmp)?")
+
+
 class _ProgressStore:
     """Finished chunks under ``directory``, written atomically and found by content digest.
 
@@ -143,9 +147,11 @@ class _ProgressStore:
                 previous = json.loads(manifest.read_text())
             except (OSError, ValueError):
                 previous = {"unreadable": True}
-        stale = [p for p in self.directory.iterdir() if p.is_dir() or p.suffix == ".pt"]
         if previous == self.identity:
             return
+        # only what this store writes is removed: <2 hex digits>/<sha256>.pt (and temporary files of those)
+        stale = [path for folder in self.directory.iterdir() if _PROGRESS_FOLDER.fullmatch(folder.name)
+                 and folder.is_dir() for path in folder.iterdir() if _PROGRESS_FILE.fullmatch(path.name)]
         if previous is not None or stale:
             if not isinstance(previous, dict):
                 previous = {}
@@ -153,10 +159,13 @@ class _ProgressStore:
             logger.warning(
                 "the progress in %s belongs to another evaluation (%s differ%s): starting afresh, its %d cached "
                 "entries are removed.", self.directory, ", ".join(differs) or "identity unknown",
-                "s" if len(differs) == 1 else "", sum(1 for p in self.directory.rglob("*.pt")),
+                "s" if len(differs) == 1 else "", sum(1 for path in stale if path.suffix == ".pt"),
             )
             for path in stale:
-                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
+            for folder in {path.parent for path in stale}:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
         atomic_write_json(manifest, self.identity)
 
     def _path(self, key: str) -> Path:

@@ -82,10 +82,12 @@ def test_attacks_break_examples(report):
 
 
 def test_autoattack_accuracy_equals_pyautoattack(fmnist_model, fmnist_test):
-    """hf_csr's AutoAttack numbers are pyautoattack's own (x_adv, y_adv) on the same inputs and seed.
+    """hf_csr's AutoAttack verdicts are those of pyautoattack's own run_standard_evaluation on these inputs.
 
     24 examples in batches of 16: AutoAttack attacks only the clean-correct examples, regrouped into
-    batches of 16 across the data, as in one run_standard_evaluation call.
+    batches of 16 across the data, as in one run_standard_evaluation call. (hf_csr draws APGD's random
+    start per example, not per batch -- test_sharded.py checks that the iterations from that start are
+    pyautoattack's own -- and on these examples both starts lead to the same verdicts.)
     """
     from pyautoattack import AutoAttack
 

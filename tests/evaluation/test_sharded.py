@@ -241,6 +241,10 @@ def test_cached_progress_is_not_reused_for_another_model(fmnist_model, fmnist_te
     kwargs = dict(attacks="pgd5", eps=EPS, batch_size=8, class_names=fmnist_test.class_names, progress=False,
                   resume_dir=tmp_path)
     first = evaluate_robustness(fmnist_model, x, y, **kwargs)
+    mine = [tmp_path / "notes" / "keep.txt", tmp_path / "ab" / "keep.txt", tmp_path / "keep.pt"]
+    for path in mine:  # the user's own files in the folder are never removed
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("mine")
     other = change(fmnist_model)
     for name in ("weight", "bias"):  # what the old fingerprint (one float sum per tensor) saw: the same
         assert float(getattr(other.backbone.linear, name).detach().double().sum()) == pytest.approx(
@@ -248,7 +252,8 @@ def test_cached_progress_is_not_reused_for_another_model(fmnist_model, fmnist_te
     calls = _counting(other)
     with caplog.at_level(logging.WARNING, logger="hf_csr.evaluation.robustness"):
         second = evaluate_robustness(other, x, y, **kwargs)
-    assert f"belongs to another evaluation ({what} differs): starting afresh" in caplog.text
+    assert f"belongs to another evaluation ({what} differs): starting afresh, its 4 cached" in caplog.text
+    assert all(path.read_text() == "mine" for path in mine)
     assert calls["n"] >= 3  # the probe and the 2 clean batches at least: recomputed (a reuse costs the probe only)
     fresh = evaluate_robustness(other, x, y, **{**kwargs, "resume_dir": None})
     assert second.to_dict() == fresh.to_dict()
