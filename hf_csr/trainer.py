@@ -571,8 +571,8 @@ class CSRTrainer(Trainer):
     ) -> Dict[str, float]:
         """Clean and adversarial accuracy per class, average and worst class (``args.eval_attacks``).
 
-        Runs :func:`hf_csr.evaluation.evaluate_robustness` on the main process (the others wait) and
-        logs ``{prefix}_{attack}_accuracy``, ``_worst_class_accuracy``, ``_spectral_norm`` and
+        Runs :func:`hf_csr.evaluation.evaluate_robustness` sharded across the processes (each attacks its
+        share; the outcomes are gathered) and logs ``{prefix}_{attack}_accuracy``, ``_worst_class_accuracy``, ``_spectral_norm`` and
         ``{prefix}_{attack}_class/{name}``; the full report is kept as ``trainer.last_evaluation``."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
@@ -590,32 +590,34 @@ class CSRTrainer(Trainer):
         return metrics
 
     def robustness_report(self, dataset: Dataset, attacks, *, limit: Optional[int] = None, batch_size: Optional[int] = None):
-        """The class-wise robustness report of the current model on ``dataset`` (main process; None elsewhere)."""
+        """The class-wise robustness report of the current model on ``dataset`` (main process; None elsewhere).
+
+        Under DDP every process attacks its share of the examples (``evaluate_robustness(distributed=True)``:
+        per-example keyed randomness, so the numbers are those of one process); the outcomes are gathered."""
         from .evaluation import evaluate_robustness  # local import: evaluation pulls in AutoAttack
 
-        report = None
-        if self.is_world_process_zero():
-            args = self.args
-            images, labels = dataset, None
-            if limit is not None and limit < len(dataset) and hasattr(dataset, "subset"):
-                from .data import balanced_subset
+        args = self.args
+        images, labels = dataset, None
+        if limit is not None and limit < len(dataset) and hasattr(dataset, "subset"):
+            from .data import balanced_subset
 
-                images = dataset.subset(balanced_subset(dataset.labels.numpy(), limit, args.seed))
-            elif not hasattr(dataset, "tensors"):
-                items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
-                batch = RobustImageCollator(augment=False)(items)
-                images, labels = batch["pixel_values"], batch["labels"]
-            model = self.accelerator.unwrap_model(self.model_wrapped)
-            was_training = model.training
-            report = evaluate_robustness(
-                model, images, labels, attacks=attacks, norm=args.attack_norm,
-                eps=float(args.attack_eps), batch_size=batch_size or args.per_device_eval_batch_size, seed=args.seed,
-                class_names=self.class_names, device=args.device, progress=not args.disable_tqdm,
-            )
-            model.train(was_training)
-            self.last_evaluation = report
+            images = dataset.subset(balanced_subset(dataset.labels.numpy(), limit, args.seed))
+        elif not hasattr(dataset, "tensors"):
+            items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
+            batch = RobustImageCollator(augment=False)(items)
+            images, labels = batch["pixel_values"], batch["labels"]
+        model = self.accelerator.unwrap_model(self.model_wrapped)
+        was_training = model.training
+        report = evaluate_robustness(
+            model, images, labels, attacks=attacks, norm=args.attack_norm,
+            eps=float(args.attack_eps), batch_size=batch_size or args.per_device_eval_batch_size, seed=args.seed,
+            class_names=self.class_names, device=args.device, progress=not args.disable_tqdm,
+            distributed=self.accelerator.num_processes > 1,
+        )
+        model.train(was_training)
+        self.last_evaluation = report
         self.accelerator.wait_for_everyone()
-        return report
+        return report if self.is_world_process_zero() else None
 
     def evaluate_and_report(
         self,

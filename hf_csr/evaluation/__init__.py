@@ -6,7 +6,10 @@
 * :class:`RobustnessReport` -- ``results.json`` (:meth:`~RobustnessReport.to_dict`), a Markdown table,
   the flags that make robust numbers untrustworthy, and the train-vs-test agreement of the paper's Fig. 2;
 * :func:`classwise_agreement` -- Kendall's tau and covariance of two per-class accuracy vectors;
-* :mod:`hf_csr.evaluation.plots` -- the paper's Fig. 2 and Fig. 3 and per-class accuracy bars.
+* :mod:`hf_csr.evaluation.plots` -- the paper's Fig. 2 and Fig. 3 and per-class accuracy bars;
+* :mod:`hf_csr.evaluation.sharding` -- per-example keyed randomness and the split of an evaluation across
+  ``torch.distributed`` processes (``evaluate_robustness(..., distributed=True)``), which give the same
+  numbers however the evaluation is split.
 """
 
 from .report import AttackResult, RobustnessReport, classwise_agreement

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -27,8 +28,17 @@ outputs (in --output-dir): results.json, results.md (the table, also printed), c
 --train-dataset, train_test_scatter.png (paper Fig. 2).
 
 interruptions: progress is kept per attack and per batch in <output-dir>/.progress; if the evaluation is
-killed, run the same command again and it continues where it stopped, with identical numbers (--no-resume
-turns this off). The folder is removed once the evaluation has finished.
+killed, run the same command again (with any number of processes) and it continues where it stopped, with
+identical numbers (--no-resume turns this off). Progress left by an evaluation of another model, data set,
+attack list, threat model or seed is removed, with a warning. The folder is removed once the evaluation has
+finished.
+
+several processes or machines: launch the same command with `accelerate launch -m hf_csr.cli evaluate ...`
+or `torchrun --nproc_per_node N -m hf_csr.cli evaluate ...`. Each process attacks every N-th batch (on its own
+GPU, cuda:<local rank>, unless --device says otherwise); the per-example outcomes are gathered and the main
+process alone writes the outputs. The random starts are keyed per example, so the numbers do not depend on
+the number of processes, and for clean, PGD, CW, APGD and FAB-T not on --batch-size either (results.json's
+"randomness" lists what does). With several machines, --output-dir must be on a shared file system.
 
 example:
   hf-csr evaluate --model ./my-checkpoint --dataset fashion_mnist --split test --limit 1000 \\
@@ -149,16 +159,45 @@ def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
     return write_model_card(output_dir, results, config=config_dict, **kwargs)
 
 
+def _launched_processes() -> int:
+    """The number of processes ``accelerate launch`` / ``torchrun`` started (1 for a plain run)."""
+    try:
+        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
+    except ValueError:
+        return 1
+
+
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir
     from .robustness import evaluate_robustness
+    from .sharding import Shards
     from .specs import parse_attacks
 
-    # Everything that can be checked is checked before the (long) evaluation starts.
-    output_dir = ensure_writable_dir(args.output_dir, "--output-dir")
+    distributed = _launched_processes() > 1
+    default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if distributed:
+        from accelerate import PartialState
+
+        # initialises the torch.distributed group (gloo on CPUs, NCCL on GPUs) from the launcher's variables
+        on_cpu = not torch.cuda.is_available() or (args.device is not None and torch.device(args.device).type == "cpu")
+        state = PartialState(cpu=on_cpu)
+        default_device = state.device
+    shards = Shards(distributed)
+    # Everything that can be checked is checked before the (long) evaluation starts; only the main process
+    # creates or writes anything in --output-dir, and its verdict is every process's.
+    error = None
+    if shards.is_main:
+        try:
+            ensure_writable_dir(args.output_dir, "--output-dir")
+        except ValueError as failure:
+            error = str(failure)
+    error = shards.broadcast(error)
+    if error:
+        raise ValueError(error)
+    output_dir = Path(args.output_dir)
     if getattr(args, "no_resume", False) and args.resume_dir is not None:
         raise ValueError("--no-resume and --resume-dir exclude each other; pass one of them.")
     for name in ("limit", "train_limit", "batch_size"):
@@ -167,7 +206,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
     attacks = parse_attacks(args.attacks, args.autoattack_version)
     eps = None if args.eps is None else _check_eps(args.eps, args.norm)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(args.device) if args.device else default_device
     model = _load_model(args.model, device)
     norm, eps = _threat_model(model, args.norm, eps)
     config = getattr(model, "config", None)
@@ -201,9 +240,12 @@ def run_evaluate(args: argparse.Namespace) -> int:
             model, dataset, attacks=attacks, norm=norm, eps=eps, batch_size=args.batch_size, seed=args.seed,
             device=device, autocast_dtype=args.autocast, autoattack_version=args.autoattack_version,
             progress=not args.no_progress, resume_dir=None if progress is None else progress / part,
+            distributed=distributed,
         )
         name, split, limit = sets[part]
         reports[part].metadata.update(dataset=name, split=split, limit=limit)
+    if not shards.is_main:
+        return 0  # the main process writes the results; every process holds the same report
     report = reports["test"]
     report.metadata = {"model": args.model, **report.metadata}
     if "train" in reports:

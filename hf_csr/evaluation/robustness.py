@@ -5,16 +5,26 @@ is classified correctly both clean and under the attack; only clean-correct exam
 ``worst_of_all`` counts an example robust only if it survives every attack run.
 
 AutoAttack runs component by component, each on the examples still robust, in chunks of
-``batch_size``: exactly the batches that one ``run_standard_evaluation(x, y, batch_size=batch_size)``
-call over all examples forms, so the numbers are AutoAttack's own, and progress can be kept per
-(component, chunk).
+``batch_size`` formed in dataset order: the batches that one ``run_standard_evaluation(x, y,
+batch_size=batch_size)`` call over all examples forms.
 
-Reproducibility: PGD's random start draws from a generator seeded by ``(seed, attack, batch)``, and
-AutoAttack reseeds with ``seed`` for every chunk (inside a forked RNG, so the caller's global RNG state
-is untouched). A batch's result therefore does not depend on which other batches ran in the same
-process, which is what makes ``resume_dir`` exact: every finished batch is saved atomically, keyed by a
-digest of the model's weights, the batch's images and labels and the attack's settings, and reloaded
-instead of recomputed.
+Results independent of the split (:mod:`hf_csr.evaluation.sharding`): the random starts of PGD / CW and
+of AutoAttack's APGD components are keyed by ``(seed, attack, round, example index)``, so an example's
+outcome does not depend on the batch size, the number of processes, the order of the shards or a
+resume. FAB-T (one restart, no random start) is deterministic per example too. Square, FAB's random
+restarts (untargeted ``fab``) and the ``rand`` version's EOT draw from torch's generator, reseeded with
+``seed`` for every chunk: they depend on the chunk an example is in, i.e. on ``batch_size`` and on which
+examples survived the earlier components -- but not on the number of processes, since the chunks are
+the same ones (the report's ``metadata["randomness"]`` says which attacks are which).
+
+With ``distributed=True`` every process of the ``torch.distributed`` group attacks every
+``world_size``-th chunk, and the per-example outcomes are gathered on every process after each attack.
+
+Resume (``resume_dir``): every finished chunk is saved atomically, keyed by a digest of the evaluation's
+identity -- a hash of the model's weight bytes and config, the attacks and their settings, the threat
+model, the seed, the number of examples and their labels -- and of the chunk's example indices, images
+and labels; it is reloaded instead of recomputed, by whichever process attacks that chunk. A progress
+folder left by an evaluation with another identity is cleared first, with a warning naming what differs.
 """
 
 from __future__ import annotations
@@ -23,7 +33,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import zlib
+import re
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
@@ -34,11 +44,12 @@ from tqdm.auto import tqdm
 
 from ..attacks import NORMS, attack_loss, attack_mode, pgd_attack
 from ..data.core import check_labels_in_range, to_unit_float
-from ..utils import as_logits, atomic_save, check_choice, check_pixel_values, inputs_prevalidated, parse_pixel_value
+from ..utils import as_logits, atomic_save, atomic_write_json, check_choice, check_pixel_values, inputs_prevalidated, parse_pixel_value
 from .report import AttackResult, RobustnessReport
+from .sharding import Shards, example_keys, keyed_normal, keyed_uniform
 from .specs import WORST_OF_ALL, AttackConfig, AutoAttackConfig, PGDConfig, parse_attacks
 
-__all__ = ["DEFAULT_ATTACKS", "evaluate_robustness"]
+__all__ = ["DEFAULT_ATTACKS", "evaluate_robustness", "model_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +117,56 @@ class _Images:
         return images
 
 
-class _ProgressStore:
-    """Finished (attack, batch) results under ``directory``, written atomically and found by content digest."""
+_PROGRESS_FOLDER = re.compile(r"[0-9a-f]{2}")
+_PROGRESS_FILE = re.compile(r"\.?[0-9a-f]{64}\.pt(\..*\.tmp)?")
 
-    def __init__(self, directory: Union[str, Path]) -> None:
+
+class _ProgressStore:
+    """Finished chunks under ``directory``, written atomically and found by content digest.
+
+    ``identity`` (the evaluation's, see :func:`_run_identity`) is kept in ``identity.json``; progress left
+    by an evaluation with another identity is removed (by the main process) and a warning names what
+    differs, so that nothing computed for another model, data set or setting is ever reused.
+    """
+
+    MANIFEST = "identity.json"
+
+    def __init__(self, directory: Union[str, Path], identity: Dict[str, Any], shards: Shards) -> None:
         self.directory = Path(directory)
+        self.identity = identity
+        if shards.is_main:
+            self._claim()
+        shards.barrier()
+
+    def _claim(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        manifest = self.directory / self.MANIFEST
+        previous = None
+        if manifest.exists():
+            try:
+                previous = json.loads(manifest.read_text())
+            except (OSError, ValueError):
+                previous = {"unreadable": True}
+        if previous == self.identity:
+            return
+        # only what this store writes is removed: <2 hex digits>/<sha256>.pt (and temporary files of those)
+        stale = [path for folder in self.directory.iterdir() if _PROGRESS_FOLDER.fullmatch(folder.name)
+                 and folder.is_dir() for path in folder.iterdir() if _PROGRESS_FILE.fullmatch(path.name)]
+        if previous is not None or stale:
+            if not isinstance(previous, dict):
+                previous = {}
+            differs = sorted(k for k in set(previous) | set(self.identity) if previous.get(k) != self.identity.get(k))
+            logger.warning(
+                "the progress in %s belongs to another evaluation (%s differ%s): starting afresh, its %d cached "
+                "entries are removed.", self.directory, ", ".join(differs) or "identity unknown",
+                "s" if len(differs) == 1 else "", sum(1 for path in stale if path.suffix == ".pt"),
+            )
+            for path in stale:
+                path.unlink(missing_ok=True)
+            for folder in {path.parent for path in stale}:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()  # only when empty
+        atomic_write_json(manifest, self.identity)
 
     def _path(self, key: str) -> Path:
         return self.directory / key[:2] / f"{key}.pt"
@@ -136,19 +191,35 @@ def _digest(*parts: Any) -> str:
         if isinstance(part, torch.Tensor):
             part = part.detach().cpu().contiguous()
             h.update(f"{part.dtype}{tuple(part.shape)}".encode())
-            h.update(part.view(torch.uint8).numpy().tobytes() if part.numel() else b"")
+            h.update(part.reshape(-1).view(torch.uint8).numpy().tobytes() if part.numel() else b"")
         else:
             h.update(json.dumps(part, sort_keys=True, default=str).encode())
         h.update(b"\x00")
     return h.hexdigest()
 
 
-def _model_fingerprint(model: nn.Module) -> str:
-    """Class and weights (parameter count and a float64 sum per tensor) of a model."""
-    state = model.state_dict()
-    sums = [f"{name}:{tuple(t.shape)}:{float(t.detach().double().sum()):.10e}" for name, t in state.items()
-            if t.is_floating_point()]
-    return _digest(type(model).__qualname__, sums)
+#: Config fields that say where or with what a config was saved, not what the model computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
+
+
+def model_identity(model: nn.Module) -> Dict[str, str]:
+    """``{"class", "config", "weights"}``: the model's class, a SHA-256 of its config and of every tensor of
+    its ``state_dict`` (name, dtype, shape and bytes). Two models share an identity only if they hold the
+    same weights in the same places and the same configuration."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        h.update(f"{name}\x00{tensor.dtype}\x00{tuple(tensor.shape)}\x00".encode())
+        if tensor.numel():
+            h.update(tensor.cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "to_dict"):
+        config = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    return {
+        "class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "config": _digest(config),
+        "weights": h.hexdigest(),
+    }
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -207,12 +278,13 @@ def _versions() -> Dict[str, str]:
 
 
 class _Evaluation:
-    """One evaluation run: the batching, resuming and per-attack loops of :func:`evaluate_robustness`."""
+    """One evaluation run: the chunking, sharding, resuming and per-attack loops of :func:`evaluate_robustness`."""
 
-    def __init__(self, net, images: _Images, *, norm, eps, batch_size, seed, device, dtype, progress, store, model_key):
+    def __init__(self, net, images: _Images, *, norm, eps, batch_size, seed, device, dtype, progress, store,
+                 shards: Shards):
         self.net, self.images, self.norm, self.eps, self.batch_size = net, images, norm, eps, batch_size
         self.seed, self.device, self.dtype, self.progress, self.store = seed, device, dtype, progress, store
-        self.model_key = model_key
+        self.shards = shards
         self.batches = list(torch.arange(len(images)).split(batch_size))
 
     def autocast(self):
@@ -222,16 +294,19 @@ class _Evaluation:
 
     def run(self, label: str, chunks: Sequence[torch.Tensor], compute: Callable[..., _Payload],
             settings: Dict[str, Any]) -> List[_Payload]:
-        """``compute(index, x, y, indices)`` for every chunk of example indices not already in the store.
+        """``compute(index, x, y, indices)`` for this process's chunks of example indices (chunk ``j`` goes to
+        process ``j mod world_size``), reloaded from the store when there; every chunk's payload, gathered.
 
-        A stored chunk is reused when the model, the chunk's images and labels and ``settings`` (the
-        attack and everything else its result depends on) are all the same.
+        A stored chunk is reused when the evaluation's identity (model, config, data, attacks, seed), the
+        chunk's example indices, images and labels and ``settings`` are all the same.
         """
-        settings = {**settings, "autocast": str(self.dtype), "model": self.model_key}
-        payloads, reloaded = [], 0
-        for index, indices in enumerate(tqdm(chunks, desc=label, unit="batch", disable=not self.progress)):
+        settings = {**settings, "autocast": str(self.dtype)}
+        mine = [index for index in range(len(chunks)) if self.shards.mine(index)]
+        local, reloaded = {}, 0
+        for index in tqdm(mine, desc=label, unit="batch", disable=not self.progress):
+            indices = chunks[index]
             x, y = self.images.take(indices), self.images.labels[indices]
-            key = _digest(settings, index, x, y) if self.store else None
+            key = _digest(self.store.identity, settings, indices, x, y) if self.store else None
             payload = self.store.load(key) if self.store else None
             reloaded += payload is not None
             if payload is None:
@@ -239,11 +314,13 @@ class _Evaluation:
                     payload = compute(index, x.to(self.device), y.to(self.device), indices)
                 if self.store:
                     self.store.save(key, payload)
-            payloads.append(payload)
+            local[index] = payload
         if self.store:
-            logger.info("%s: %d of %d batches reloaded from %s, %d computed", label, reloaded, len(chunks),
-                        self.store.directory, len(chunks) - reloaded)
-        return payloads
+            where = "" if self.shards.world_size == 1 else f" (process {self.shards.rank} of {self.shards.world_size})"
+            logger.info("%s: %d of %d batches reloaded from %s, %d computed%s", label, reloaded, len(mine),
+                        self.store.directory, len(mine) - reloaded, where)
+        gathered = self.shards.gather(local)
+        return [gathered[index] for index in range(len(chunks))]
 
     def settings(self, attack: AttackConfig, **extra: Any) -> Dict[str, Any]:
         """What an attack's results depend on besides the model and the data."""
@@ -275,23 +352,36 @@ class _Evaluation:
         predictions = torch.cat([p["predictions"] for p in payloads])
         return predictions, sum(int(p.get("zero_gradients", 0)) for p in payloads)
 
+    def random_start(self, attack: PGDConfig, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """The PGD start of examples ``indices`` (dataset positions): :func:`hf_csr.attacks.random_init`'s
+        distribution, drawn from keys of ``(seed, attack, example)``."""
+        if attack.random_start == "none":
+            return torch.zeros_like(x)
+        keys = example_keys(self.seed, f"{attack.name}/start", indices).to(x.device)
+        shape = tuple(x.shape[1:])
+        if self.norm == "Linf":
+            return ((keyed_uniform(keys, shape) * 2 - 1) * self.eps).to(x.dtype)
+        direction = keyed_normal(keys, shape)
+        direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * len(shape)))
+        radius = keyed_uniform(example_keys(self.seed, f"{attack.name}/radius", indices).to(x.device), (1,) * len(shape))
+        return (direction * radius * self.eps).to(x.dtype)
+
     def pgd(self, attack: PGDConfig, clean: torch.Tensor) -> torch.Tensor:
         def compute(index, x, y, indices):
             predictions = clean[indices].clone()
             attacked = (predictions == y.cpu()).nonzero().squeeze(1)
             if attacked.numel():
-                generator = torch.Generator(device=x.device).manual_seed(self.batch_seed(attack.name, index))
                 idx = attacked.to(x.device)
                 x_adv = pgd_attack(
                     self.net, x[idx], y[idx], eps=self.eps, step_size=self.eps * attack.step_fraction,
-                    steps=attack.steps, norm=self.norm, loss=attack.loss, random_start=attack.random_start,
-                    generator=generator, validate=False,
+                    steps=attack.steps, norm=self.norm, loss=attack.loss,
+                    noise=self.random_start(attack, x[idx], indices[attacked]), validate=False,
                 )
                 with torch.no_grad():
                     predictions[attacked] = self.net(x_adv).argmax(1).cpu()
             return {"predictions": predictions}
 
-        payloads = self.run(attack.name, self.batches, compute, self.settings(attack))
+        payloads = self.run(attack.name, self.batches, compute, self.settings(attack, randomness="per-example"))
         return torch.cat([p["predictions"] for p in payloads])
 
     def autoattack(self, attack: AutoAttackConfig, clean: torch.Tensor, num_classes: int):
@@ -299,8 +389,11 @@ class _Evaluation:
 
         Returns the predictions, AutoAttack's warnings and the robust accuracy after each component.
         """
+        from .keyed_apgd import key_examples
+
         adversary = attack.build(self.net, norm=self.norm, eps=self.eps, seed=self.seed, device=self.device,
                                  num_classes=num_classes)
+        keyed = attack.keyed_components()
         labels = self.images.labels
         predictions, robust = clean.clone(), clean == labels
         warnings: List[str] = []
@@ -311,12 +404,15 @@ class _Evaluation:
 
             def compute(index, x, y, indices):
                 adversary.attacks_to_run = [component]
+                for apgd in (adversary.apgd, adversary.apgd_targeted):
+                    key_examples(apgd, seed=self.seed, stream=f"{attack.name}/{component}", indices=indices, x=x, y=y)
                 with _forked_rng(self.device), _captured_warnings("auto-attack") as messages:
                     _, y_adv = adversary.run_standard_evaluation(x, y, batch_size=x.shape[0])
                 return {"predictions": y_adv.cpu(), "warnings": messages}
 
+            randomness = "per-example" if component in keyed else "per-chunk"
             payloads = self.run(f"{attack.name} {component}", chunks, compute,
-                                self.settings(attack, component=component))
+                                self.settings(attack, component=component, randomness=randomness))
             if payloads:
                 indices = torch.cat(chunks)
                 adversarial = torch.cat([p["predictions"] for p in payloads])
@@ -326,9 +422,6 @@ class _Evaluation:
             warnings = list(dict.fromkeys(warnings + [message for p in payloads for message in p["warnings"]]))
             accuracy_after[component] = int(robust.sum()) / len(robust)
         return predictions, warnings, accuracy_after
-
-    def batch_seed(self, name: str, index: int) -> int:
-        return (self.seed * 1_000_003 + zlib.crc32(f"{name}/{index}".encode())) % (2**63)
 
 
 def _class_names(model: nn.Module, images: _Images, class_names: Optional[Sequence[str]], k: int) -> List[str]:
@@ -405,6 +498,7 @@ def evaluate_robustness(
     autoattack_version: str = "standard",
     progress: bool = True,
     resume_dir: Optional[Union[str, Path]] = None,
+    distributed: bool = False,
 ) -> RobustnessReport:
     """Evaluate ``model`` clean and under ``attacks``, class by class.
 
@@ -425,7 +519,15 @@ def evaluate_robustness(
         autoattack_version: ``"standard"`` or ``"rand"`` (randomised defences), for the ``autoattack`` name.
         progress: show tqdm progress bars.
         resume_dir: keep per-attack, per-batch progress there; a rerun after an interruption reloads
-            the finished batches instead of recomputing them and gives identical numbers.
+            the finished batches instead of recomputing them and gives identical numbers, with any number
+            of processes. Progress of an evaluation with another identity (model weights or config, data,
+            attacks, threat model, seed) is removed first, with a warning. With several machines it must
+            be on a shared file system for a resume to find every process's chunks.
+        distributed: split the chunks across the processes of the initialised ``torch.distributed``
+            group (``accelerate launch`` / ``torchrun``); every process must call this with the same
+            arguments, each attacks its share, and every process returns the same, complete report.
+            Only the progress files of its own chunks are written by a process; writing the report is the
+            caller's job (on the main process only).
 
     Returns:
         A :class:`RobustnessReport`. Its ``flags`` list warnings that make robust numbers
@@ -442,6 +544,7 @@ def evaluate_robustness(
     configs = parse_attacks(attacks, autoattack_version)
     dtype = _resolve_autocast(autocast_dtype)
     source = _Images(images, labels)
+    shards = Shards(bool(distributed))
     device = torch.device(device) if device is not None else _model_device(model)
     model.to(device)
     net = _Logits(model)
@@ -449,10 +552,14 @@ def evaluate_robustness(
         with torch.no_grad():
             num_classes = net(source.take(torch.arange(1)).to(device)).shape[1]
         names = _class_names(model, source, class_names, num_classes)
-        store = _ProgressStore(resume_dir) if resume_dir is not None else None
+        store = None
+        if resume_dir is not None:
+            identity = _run_identity(model, source, configs, norm=norm, eps=eps, seed=seed, dtype=dtype,
+                                     autoattack_version=autoattack_version)
+            store = _ProgressStore(resume_dir, identity, shards)
         run = _Evaluation(
             net, source, norm=norm, eps=eps, batch_size=batch_size, seed=seed, device=device, dtype=dtype,
-            progress=progress, store=store, model_key=_model_fingerprint(model) if store else None,
+            progress=progress and shards.is_main, store=store, shards=shards,
         )
         results: Dict[str, AttackResult] = {}
         clean, zero_gradients = run.clean(configs[0], check_gradients=any(c.uses_gradients for c in configs[1:]))
@@ -480,16 +587,54 @@ def evaluate_robustness(
     flags = _flags(results, zero_gradients, len(source))
     for flag in flags:
         logger.warning(flag)
+    randomness = _randomness(configs)
     settings = {
-        "batch_size": batch_size,
-        "device": str(device),
+        "device": device.type,  # (not the index: cuda:0 and cuda:1 processes evaluate alike)
         "autocast": None if dtype is None else str(dtype).replace("torch.", ""),
         "autoattack_version": autoattack_version,
     }
+    if randomness["per_chunk"]:
+        # only then do the numbers depend on the batch size (never on the number of processes)
+        settings["batch_size"] = batch_size
     return RobustnessReport(
         attacks=results, labels=source.labels, class_names=names, threat_model={"norm": norm, "eps": eps}, seed=seed,
-        flags=flags, metadata={"evaluation": settings, "versions": _versions()},
+        flags=flags, metadata={"evaluation": settings, "randomness": randomness, "versions": _versions()},
     )
+
+
+def _randomness(configs: Sequence[AttackConfig]) -> Dict[str, Any]:
+    """Which attacks draw their random numbers per example (split-independent) and which per chunk."""
+    per_example, per_chunk = [], []
+    for config in configs:
+        if isinstance(config, PGDConfig) and config.random_start != "none":
+            per_example.append(config.name)
+        elif isinstance(config, AutoAttackConfig):
+            keyed = config.keyed_components()
+            per_example += [f"{config.name}:{c}" for c in config.components if c in keyed]
+            per_chunk += [f"{config.name}:{c}" for c in config.components if c not in keyed]
+    out: Dict[str, Any] = {"per_example": per_example, "per_chunk": per_chunk}
+    if per_chunk:
+        out["note"] = (
+            "the per_chunk attacks draw from torch's generator reseeded with the seed for every chunk of "
+            "batch_size survivors (formed in dataset order): their outcomes depend on the batch size and on "
+            "which examples earlier components broke, never on the number of processes."
+        )
+    return out
+
+
+def _run_identity(model: nn.Module, source: _Images, configs, *, norm, eps, seed, dtype, autoattack_version):
+    """What cached progress must match to be reused: model, data, attacks and their settings, seed."""
+    return {
+        **{f"model_{key}": value for key, value in model_identity(model).items()},
+        "num_examples": len(source),
+        "labels": _digest(source.labels),
+        "attacks": [config.describe(eps) for config in configs],
+        "threat_model": {"norm": norm, "eps": eps},
+        "seed": seed,
+        "autocast": str(dtype),
+        "autoattack_version": autoattack_version,
+        "hf_csr": _versions().get("hf_csr"),
+    }
 
 
 def _log_result(result: AttackResult) -> None:

@@ -41,6 +41,8 @@ __all__ = [
 
 AUTOATTACK_COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 AUTOATTACK_VERSIONS = ("standard", "rand")
+#: Deterministic per example: APGD with keyed random starts, FAB-T (one restart, no random start).
+_KEYED_COMPONENTS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab-t")
 _VERSION_COMPONENTS = {"standard": ("apgd-ce", "apgd-t", "fab-t", "square"), "rand": ("apgd-ce", "apgd-dlr")}
 #: The report entry that counts an example robust only if it survives every attack run.
 WORST_OF_ALL = "worst_of_all"
@@ -171,7 +173,19 @@ class AutoAttackConfig:
             adversary.fab.n_iter = self.n_iter
         if self.n_queries is not None:
             adversary.square.n_queries = self.n_queries
+        if self.version != "rand":
+            # Random starts keyed per example (see keyed_apgd): the same start for an example whatever its batch.
+            from .keyed_apgd import KeyedAPGD, KeyedAPGDTargeted
+
+            adversary.apgd.__class__ = KeyedAPGD
+            adversary.apgd_targeted.__class__ = KeyedAPGDTargeted
         return adversary
+
+    def keyed_components(self) -> Tuple[str, ...]:
+        """The components whose randomness is keyed per example (see :mod:`hf_csr.evaluation.sharding`)."""
+        if self.version == "rand":
+            return ()
+        return tuple(c for c in self.components if c in _KEYED_COMPONENTS)
 
 
 AttackConfig = Union[CleanConfig, PGDConfig, AutoAttackConfig]
