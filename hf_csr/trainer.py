@@ -642,13 +642,18 @@ class CSRTrainer(Trainer):
         extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
         model = self.accelerator.unwrap_model(self.model)
         config = getattr(model, "config", None)
+        base_model = finetuned_from or base_model_of(model)
+        licence = {"license": license}
+        if license is None and base_model:  # weights derived from another repo keep its licence
+            licence = {"license": "other", "license_name": "same-as-base-model",
+                       "license_link": f"https://huggingface.co/{base_model}"}
         return write_model_card(
             output_dir or self.args.output_dir,
             config=config.to_dict() if hasattr(config, "to_dict") else None,
             repo_id=repo_id,
-            base_model=finetuned_from or base_model_of(model),
+            base_model=base_model,
             training=setup,
-            license=license,
+            **licence,
             tags=extra_tags or None,
             model_name=model_name,
             dataset_name=dataset_name,

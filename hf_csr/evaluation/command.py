@@ -210,7 +210,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report.compare_with_train(reports["train"])
     paths = report.save(output_dir)
     if not args.no_card:
-        paths.append(_write_card(args.model, output_dir, report.to_dict(), config))
+        paths.append(_write_card(args.model, output_dir, None, config))  # None: the merged results.json
     if progress is not None and args.resume_dir is None:
         shutil.rmtree(progress, ignore_errors=True)  # the default progress folder has served its purpose
     logger.info("wrote %s", ", ".join(str(p) for p in paths))
