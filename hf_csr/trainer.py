@@ -166,6 +166,11 @@ class CSRTrainer(Trainer):
             # not after hours of training, at the first checkpoint
             ensure_writable_dir(args.output_dir, "output_dir",
                                 " Checkpoints and the final model go there: pass a directory you can write to.")
+        from .models.loading import prepare_training_data
+
+        # raw datasets.Dataset -> hf_csr dataset; channels / image size checked against the model, now
+        train_dataset = prepare_training_data(model, train_dataset, "train_dataset")
+        eval_dataset = prepare_training_data(model, eval_dataset, "eval_dataset")
         validate_training_data(train_dataset, self.num_classes, "train_dataset", require_every_class=True)
         eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         for dataset in eval_sets:

@@ -45,7 +45,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         epilog=INPUT_CONVENTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="a Hub model id or a local save_pretrained directory")
+    from ..models.loading import add_model_arguments
+
+    add_model_arguments(parser)  # --model and the options of a plain PyTorch classifier
     parser.add_argument("--dataset", required=True,
                         help="fashion_mnist, a .npz file (image/label arrays), a .parquet file, a local datasets "
                         "folder (imagefolder, save_to_disk) or a Hub dataset id such as uoft-cs/cifar10")
@@ -90,21 +92,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(name_or_dir: str, device):
-    from transformers import AutoModelForImageClassification
+def _load_model(args, device):
+    """Any classifier, in pixel space (hf_csr.models.loading.load_robust_model)."""
+    from ..models.loading import load_model_from_args
 
-    from ..models import RobustImageClassifier
-
-    try:
-        model = AutoModelForImageClassification.from_pretrained(name_or_dir)
-    except OSError as error:
-        raise ValueError(f"--model {name_or_dir!r}: cannot load a checkpoint ({error})") from error
-    if not isinstance(model, RobustImageClassifier):
-        logger.warning(
-            "%s is a %s, not an hf_csr RobustImageClassifier: make sure it takes [0, 1] pixel values and "
-            "normalises them itself, otherwise the numbers are wrong.", name_or_dir, type(model).__name__,
-        )
-    return model.to(device).eval()
+    return load_model_from_args(args, device)
 
 
 def _check_eps(text: str, norm: Optional[str]) -> float:
@@ -168,7 +160,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks, args.autoattack_version)
     eps = None if args.eps is None else _check_eps(args.eps, args.norm)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = _load_model(args.model, device)
+    model = _load_model(args, device)
     norm, eps = _threat_model(model, args.norm, eps)
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}

@@ -463,6 +463,16 @@ def load_published(
         revision / cache_dir / token / local_files_only: passed to ``hf_hub_download``.
     """
     entry, path, repo_id, filename = _resolve_source(source, filename)
+    if backbone is not None and not timm.is_model(backbone):
+        from ..models.modeling_robust import _check_backbone_name
+
+        try:
+            _check_backbone_name(backbone)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} To evaluate your own architecture, no conversion is needed: `hf-csr evaluate --model "
+                "package.module:factory --weights FILE --input-size C,H,W` (or hf_csr.load_robust_model(module))."
+            ) from None
     if path is None:
         path = hub_file(
             repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
