@@ -655,7 +655,7 @@ class CSRTrainer(Trainer):
         return write_model_card(
             output_dir or self.args.output_dir,
             config=config.to_dict() if hasattr(config, "to_dict") else None,
-            repo_id=repo_id,
+            repo_id=repo_id or self.args.hub_model_id,
             base_model=base_model,
             training=setup,
             **licence,

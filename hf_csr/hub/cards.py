@@ -402,7 +402,7 @@ def write_model_card(
     path = output_dir / "README.md"
     atomic_write_text(path, str(card))
     if metadata != saved:
-        atomic_write_text(output_dir / CARD_METADATA, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        atomic_write_text(output_dir / CARD_METADATA, json.dumps(metadata, indent=2) + "\n")
     return path
 
 

@@ -159,8 +159,11 @@ def push_checkpoint(
         files = [p for p in files if p.relative_to(directory).as_posix() != "README.md"]
     listed = set(files) | {directory / "README.md"}
     skipped = sorted(p.relative_to(directory).as_posix() for p in regular_files(directory) if p not in listed)
-    if skipped:
-        logger.warning("Not uploading %d file(s) outside %s: %s", len(skipped), list(PUSH_PATTERNS), skipped[:10])
+    top_level = [name for name in skipped if "/" not in name]
+    if top_level:
+        logger.warning("Not uploading %d file(s) outside %s: %s", len(top_level), list(PUSH_PATTERNS), top_level[:10])
+    if len(skipped) > len(top_level):
+        logger.info("Not uploading %d file(s) in subfolders (checkpoints, caches).", len(skipped) - len(top_level))
     links = sorted(str(p.relative_to(directory)) for p in directory.rglob("*") if p.is_symlink())
     if links:
         logger.warning("Not following %d symbolic link(s) in %s: %s", len(links), directory, links[:10])
@@ -199,6 +202,6 @@ def push_checkpoint(
     if card is not None:
         atomic_write_text(directory / "README.md", str(card))
         if metadata != saved:
-            atomic_write_text(directory / CARD_METADATA, json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+            atomic_write_text(directory / CARD_METADATA, json.dumps(metadata, indent=2) + "\n")
     logger.info("Pushed %s to %s (%s).", directory, repo_id, info.commit_url)
     return info
