@@ -29,12 +29,20 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ViTImageProcessor,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..utils import check_pixel_values, input_checks_enabled
 
-__all__ = ["RobustClassifierConfig", "RobustImageClassifier", "create_robust_classifier", "MAX_PARAMETERS"]
+__all__ = ["RobustClassifierConfig", "RobustImageClassifier", "RobustImageProcessor", "create_robust_classifier",
+           "MAX_PARAMETERS"]
 
 #: Configs describing a larger network are rejected before any memory is allocated.
 MAX_PARAMETERS = 2_000_000_000
@@ -191,16 +199,14 @@ class RobustImageClassifier(PreTrainedModel):
     def num_labels(self) -> int:
         return self.config.num_labels
 
-    def image_processor(self):
-        """The transformers image processor of this model: resize to ``image_size`` and rescale uint8 pixels to
-        [0, 1], *without* normalising (the model normalises inside, so budgets stay in pixel units). Greyscale
-        images stay 1-channel and RGB images 3-channel: give the model images of its ``num_channels``."""
-        from transformers import ViTImageProcessor
-
+    def image_processor(self) -> "RobustImageProcessor":
+        """The image processor of this model (:class:`RobustImageProcessor`): PIL images to the model's
+        channels, resized to ``image_size`` and rescaled to [0, 1], *without* normalising (the model normalises
+        inside, so budgets stay in pixel units)."""
         size = self.config.image_size
-        return ViTImageProcessor(
-            do_resize=True, size={"height": size, "width": size}, do_rescale=True, rescale_factor=1 / 255,
-            do_normalize=False, image_mean=list(self.config.image_mean), image_std=list(self.config.image_std),
+        return RobustImageProcessor(
+            num_channels=self.config.num_channels, do_resize=True, size={"height": size, "width": size},
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
         )
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -235,6 +241,32 @@ class RobustImageClassifier(PreTrainedModel):
         if not return_dict:
             return (logits,) if loss is None else (loss, logits)
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class RobustImageProcessor(ViTImageProcessor):
+    """transformers' ViT image processor (resize, rescale; here without normalisation) that first converts PIL
+    images to the model's channels: greyscale (``L``, ITU-R 601-2 luma) for 1-channel models, RGB for 3-channel
+    ones -- ``pipeline("image-classification")`` hands every image over as RGB."""
+
+    def __init__(self, num_channels: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_channels = int(num_channels)
+
+    def preprocess(self, images, *args, **kwargs):
+        import PIL.Image
+
+        mode = {1: "L", 3: "RGB"}.get(self.num_channels)
+
+        def convert(image):
+            if mode is not None and isinstance(image, PIL.Image.Image) and image.mode != mode:
+                return image.convert(mode)
+            return image
+
+        if isinstance(images, (list, tuple)):
+            images = [[convert(i) for i in item] if isinstance(item, (list, tuple)) else convert(item) for item in images]
+        else:
+            images = convert(images)
+        return super().preprocess(images, *args, **kwargs)
 
 
 def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
@@ -339,3 +371,4 @@ def _dataset_geometry(dataset: Any) -> tuple:
 
 AutoConfig.register(RobustClassifierConfig.model_type, RobustClassifierConfig, exist_ok=True)
 AutoModelForImageClassification.register(RobustClassifierConfig, RobustImageClassifier, exist_ok=True)
+AutoImageProcessor.register(RobustClassifierConfig, RobustImageProcessor, exist_ok=True)
