@@ -292,7 +292,7 @@ def test_raw_datasets_dataset_is_accepted_or_refused_with_what_to_do(tmp_path):
     trainer = CSRTrainer(model=fmnist_model(), args=make_args(tmp_path, max_steps=1), train_dataset=raw)
     batch = trainer.train_dataset[3]
     assert batch["pixel_values"].shape == (1, 28, 28) and int(batch["labels"]) == 3
-    assert torch.equal(batch["pixel_values"], torch.from_numpy(np.asarray(images[3]))[None])
+    assert torch.equal(batch["pixel_values"], torch.from_numpy(np.array(images[3]))[None])
     trainer.train()
     renamed = raw.rename_columns({"image": "img", "label": "labels"})
     CSRTrainer(model=fmnist_model(), args=make_args(tmp_path), train_dataset=renamed)

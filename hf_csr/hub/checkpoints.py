@@ -197,7 +197,7 @@ def _check_expanded_size(path: Path) -> None:
     if total > MAX_CHECKPOINT_BYTES:
         raise ValueError(
             f"refusing to load {str(path)!r}: its records would expand to {total / 1024**3:.1f} GiB, more than the "
-            f"{MAX_CHECKPOINT_BYTES / 1024**3:.0f} GiB limit (a 2-billion-parameter network). It is not a robust "
+            f"{MAX_CHECKPOINT_BYTES / 1024**3:.3g} GiB limit (a 2-billion-parameter network). It is not a robust "
             "image classifier checkpoint, or it is a decompression bomb."
         )
     for entry in entries:
