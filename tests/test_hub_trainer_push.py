@@ -221,3 +221,47 @@ def test_hf_csr_push_refreshes_the_card_for_the_repo(tmp_path, local_hub):  # no
     assert "from_pretrained('me/refreshed')" in card.text and "path/to/this/checkpoint" not in card.text
     assert card.data.model_name == "refreshed" and "| base\\_loss | pgd |" in card.text
     assert "from_pretrained('me/refreshed')" in (directory / "README.md").read_text()  # written after the push
+
+
+def test_converted_third_party_model_keeps_its_licence(tmp_path, local_hub):  # noqa: F811
+    from hf_csr.cli import main
+
+    local_hub.add_repo("someone/wrn-ddpm", {"model.pt": _pt_bytes(ddpm_state_dict(10, 1, 10, seed=3))})
+    out = tmp_path / "converted"
+    assert main(["convert", "someone/wrn-ddpm", str(out), "--filename", "model.pt"]) == 0
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "someone/wrn-ddpm" and card.data.license == "other"
+    assert card.data.license_link == "https://huggingface.co/someone/wrn-ddpm"
+    assert json.loads((out / "config.json").read_text())["base_model"] == "someone/wrn-ddpm"
+    assert main(["convert", "someone/wrn-ddpm", str(tmp_path / "mit"), "--filename", "model.pt", "--license", "mit"]) == 0
+    assert ModelCard.load(tmp_path / "mit" / "README.md").data.license == "mit"
+
+
+def test_hub_repos_of_transformers_and_timm_models_load_in_one_line(tmp_path, local_hub):  # noqa: F811
+    import timm
+    from timm.models._hub import save_for_hf
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    from hf_csr import load_robust_model
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, num_channels=3, hidden_size=16,
+                                              num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                                              num_labels=4)).eval()
+    ViTImageProcessor(size={"height": 16, "width": 16}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        tmp_path / "vit")
+    vit.save_pretrained(tmp_path / "vit")
+    local_hub.add_repo("me/vit", {p.name: p.read_bytes() for p in (tmp_path / "vit").iterdir()})
+    net = timm.create_model("test_resnet", num_classes=4, pretrained_cfg_overlay=dict(input_size=(3, 16, 16),
+                                                                                     crop_pct=1.0)).eval()
+    save_for_hf(net, tmp_path / "tm")
+    local_hub.add_repo("me/tiny-timm", {p.name: p.read_bytes() for p in (tmp_path / "tm").iterdir()})
+
+    x = torch.rand(3, 3, 24, 24)  # another size: resized inside
+    small = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", antialias=True, align_corners=False)
+    with torch.no_grad():
+        assert torch.allclose(load_robust_model("me/vit")(x), vit((small - 0.5) / 0.25).logits, atol=1e-5)
+        expected = net((small - torch.tensor(net.pretrained_cfg["mean"]).view(1, 3, 1, 1))
+                       / torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1))
+        for name in ("me/tiny-timm", "hf-hub:me/tiny-timm"):
+            assert torch.allclose(load_robust_model(name)(x), expected, atol=1e-5), name

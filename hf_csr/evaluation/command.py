@@ -19,8 +19,9 @@ PROGRESS_DIR = ".progress"
 INPUT_CONVENTION = """\
 input convention: images are fed to the model as float pixel values in [0, 1] (uint8 / 255), without
 normalisation; the model normalises them itself (hf_csr's RobustImageClassifier does, with the mean/std of
-its config), so --eps is in pixel units as in AutoAttack and RobustBench. A model that expects normalised
-inputs cannot be detected and would be evaluated wrongly. Pixel values outside [0, 1] are an error.
+its config; a transformers model's image processor or a timm model's pretrained config is folded into the
+model; a module:factory model gets --mean/--std), so --eps is in pixel units as in AutoAttack and
+RobustBench. Pixel values outside [0, 1] are an error.
 
 outputs (in --output-dir): results.json, results.md (the table, also printed), confusion_matrix.png
 (the robust confusion matrix of the headline attack, paper Fig. 3), classwise_accuracy.png and, with
@@ -127,7 +128,8 @@ def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
     The training set-up and base model come from the model directory's ``card.json`` (written with its card at
     the end of training or conversion) when ``model`` is a local directory; a Hub id becomes the card's repo id.
     """
-    from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, _read_json, write_model_card
+    from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, write_model_card
+    from ..hub.cards import read_card_metadata as _read_json  # checked: a malformed card.json is a named error
 
     kwargs = {}
     model_dir = Path(model)
