@@ -265,3 +265,17 @@ def test_hub_repos_of_transformers_and_timm_models_load_in_one_line(tmp_path, lo
                        / torch.tensor(net.pretrained_cfg["std"]).view(1, 3, 1, 1))
         for name in ("me/tiny-timm", "hf-hub:me/tiny-timm"):
             assert torch.allclose(load_robust_model(name)(x), expected, atol=1e-5), name
+
+
+def test_a_failed_checkpoint_push_is_logged_and_the_next_save_pushes(tmp_path, local_hub, caplog):  # noqa: F811
+    torch.manual_seed(0)
+    args = make_args(tmp_path, push_to_hub=True, hub_model_id="me/flaky", max_steps=4, save_steps=2)
+    trainer = CSRTrainer(model=fmnist_model(), args=args, train_dataset=fmnist(limit=64))
+    local_hub.fail_next("commit", 500)
+    with caplog.at_level("WARNING", logger="hf_csr.trainer"):
+        trainer.train()  # goes on after the failed push at step 2
+    assert any("training goes on" in record.getMessage() for record in caplog.records)
+    pushes = [c for c in _commits(local_hub, "me/flaky") if "model.safetensors" in c]
+    assert len(pushes) == 1 and (Path(args.output_dir) / "checkpoint-4").is_dir()
+    loaded = AutoModelForImageClassification.from_pretrained("me/flaky")
+    assert all(torch.equal(v, _weights(trainer.model)[k]) for k, v in _weights(loaded).items())

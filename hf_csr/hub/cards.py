@@ -174,6 +174,8 @@ def public_path(value: Any) -> Any:
     nothing pushed to the Hub (card, results.json) reveals a local path; Hub ids and other values unchanged."""
     if not isinstance(value, str) or not value or "\n" in value or len(value) > 4096:
         return value
+    if value.startswith("local-dir:"):  # timm's local folders
+        return "local-dir:" + str(public_path(value[len("local-dir:"):]))
     try:
         local = os.path.isabs(value) or value.startswith(("~", "./", "../")) or os.path.exists(value)
     except (OSError, ValueError):

@@ -464,12 +464,18 @@ def load_model_from_args(args, device) -> nn.Module:
         raise ValueError(
             f"--{plain_options[0].replace('_', '-')} is for --model package.module:factory; {args.model!r} is not one."
         )
-    model = load_robust_model(
-        args.model, weights=getattr(args, "weights", None), class_names=names,
-        num_classes=getattr(args, "num_classes", None), input_size=input_size,
-        mean=_floats(getattr(args, "mean", None), "--mean"), std=_floats(getattr(args, "std", None), "--std"),
-        factory_kwargs=kwargs,
-    )
+    try:
+        model = load_robust_model(
+            args.model, weights=getattr(args, "weights", None), class_names=names,
+            num_classes=getattr(args, "num_classes", None), input_size=input_size,
+            mean=_floats(getattr(args, "mean", None), "--mean"), std=_floats(getattr(args, "std", None), "--std"),
+            factory_kwargs=kwargs,
+        )
+    except (ValueError, FileNotFoundError) as error:
+        message = str(error)
+        if not message.startswith("--model"):
+            message = f"--model {args.model!r}: {message}"
+        raise type(error)(message) from error
     return model.to(device).eval()
 
 
