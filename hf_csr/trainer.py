@@ -171,6 +171,10 @@ class CSRTrainer(Trainer):
         # raw datasets.Dataset -> hf_csr dataset; channels / image size checked against the model, now
         train_dataset = prepare_training_data(model, train_dataset, "train_dataset")
         eval_dataset = prepare_training_data(model, eval_dataset, "eval_dataset")
+        if args.should_save and os.path.isdir(args.output_dir):
+            from .hub.cards import check_card_inputs
+
+            check_card_inputs(args.output_dir)  # the card is written there at the end: a malformed input fails now
         validate_training_data(train_dataset, self.num_classes, "train_dataset", require_every_class=True)
         eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         for dataset in eval_sets:

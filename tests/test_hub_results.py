@@ -162,6 +162,25 @@ def test_malformed_card_json_is_a_named_error(tmp_path, content, message):
     assert "card.json" in str(error.value)
 
 
+def test_malformed_card_inputs_fail_before_training_or_evaluation(tmp_path, capsys):
+    from hf_csr import CSRTrainer
+
+    from .helpers import fmnist
+    from .test_trainer import make_args
+
+    args = make_args(tmp_path)
+    Path(args.output_dir).mkdir(parents=True)
+    (Path(args.output_dir) / "card.json").write_text(json.dumps({"training": "fast"}))
+    with pytest.raises(ValueError, match="card.json.*'training' must be a Mapping"):
+        CSRTrainer(model=fmnist_model(), args=args, train_dataset=fmnist(limit=32))
+    model_dir = tmp_path / "m"
+    fmnist_model().save_pretrained(model_dir)
+    (model_dir / "results.json").write_text(json.dumps({"attacks": {"pgd20": {"accuracy": None}}}))
+    with pytest.raises(SystemExit):  # refused before the model or data are loaded
+        main(["evaluate", "--model", str(model_dir), "--dataset", "fashion_mnist", "--output-dir", str(model_dir)])
+    assert "results.json" in capsys.readouterr().err
+
+
 def test_card_command_accepts_fashion_mnist_and_a_licence(tmp_path):
     fmnist_model().save_pretrained(tmp_path)
     assert main(["card", str(tmp_path), "--dataset", "fashion_mnist", "--license", "mit", "--repo-id", "me/f"]) == 0

@@ -153,6 +153,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     # Everything that can be checked is checked before the (long) evaluation starts.
     output_dir = ensure_writable_dir(args.output_dir, "--output-dir")
+    if not args.no_card:
+        from ..hub.cards import check_card_inputs
+
+        check_card_inputs(output_dir)  # a malformed card.json / results.json fails now, not after the evaluation
     if getattr(args, "no_resume", False) and args.resume_dir is not None:
         raise ValueError("--no-resume and --resume-dir exclude each other; pass one of them.")
     for name in ("limit", "train_limit", "batch_size"):

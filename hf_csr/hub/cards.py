@@ -472,6 +472,16 @@ def read_card_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     return saved
 
 
+def check_card_inputs(directory: Union[str, os.PathLike]) -> None:
+    """Read and check ``card.json`` and ``results.json`` in ``directory`` if they exist: called before a long
+    training or evaluation that ends by writing the card there, so that a malformed file fails first."""
+    directory = Path(directory)
+    if (directory / CARD_METADATA).is_file():
+        read_card_metadata(directory / CARD_METADATA)
+    if (directory / "results.json").is_file():
+        read_results(directory / "results.json")
+
+
 def read_results(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """``results.json``, checked for the shape a card needs (``ValueError`` naming the file and the entry)."""
     path = Path(path)
