@@ -6,6 +6,7 @@ with transformers' ``AutoConfig`` / ``AutoModelForImageClassification``.
 
 from .attacks import attack_mode, pgd_attack
 from .models import RobustClassifierConfig, RobustImageClassifier, create_robust_classifier
+from .models.loading import PixelSpaceClassifier, load_robust_model
 from .configuration import CSRTrainingArguments
 from .regularizer import (
     ConfusionEstimator,
@@ -24,12 +25,14 @@ __all__ = [
     "CSRTrainer",
     "CSRTrainingArguments",
     "ConfusionEstimator",
+    "PixelSpaceClassifier",
     "RobustClassifierConfig",
     "RobustImageClassifier",
     "attack_mode",
     "confusion_counts",
     "create_robust_classifier",
     "csr_penalty",
+    "load_robust_model",
     "normalize_confusion",
     "parse_pixel_value",
     "pgd_attack",

@@ -388,14 +388,14 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
         resume = get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
         logger.info("resuming from %s", resume or "the start (no complete checkpoint yet)")
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # no push yet: one push below, with the evaluation and card
     summary = training_summary(training, trainer.fairness)
-    results = trainer.evaluate_and_report(
+    results = trainer.evaluate_and_report(  # the card's training set-up comes from the trainer's own args
         eval_dataset, attacks=experiment.final_eval_attacks, batch_size=experiment.eval_batch_size,
-        training=summary, dataset_name=experiment.dataset,
+        dataset_name=experiment.dataset,
     )
-    if training.push_to_hub and trainer.is_world_process_zero():
-        trainer.push_to_hub()
+    if training.push_to_hub:
+        trainer.push_to_hub()  # on every process: it saves (collectively) first, then the main process uploads
     return {**results, "training_summary": summary}
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers import Trainer, TrainerCallback, TrainerState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput, get_last_checkpoint, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from .attacks import attack_mode, pgd_attack, random_init
 from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
@@ -166,6 +166,15 @@ class CSRTrainer(Trainer):
             # not after hours of training, at the first checkpoint
             ensure_writable_dir(args.output_dir, "output_dir",
                                 " Checkpoints and the final model go there: pass a directory you can write to.")
+        from .models.loading import prepare_training_data
+
+        # raw datasets.Dataset -> hf_csr dataset; channels / image size checked against the model, now
+        train_dataset = prepare_training_data(model, train_dataset, "train_dataset")
+        eval_dataset = prepare_training_data(model, eval_dataset, "eval_dataset")
+        if args.should_save and os.path.isdir(args.output_dir):
+            from .hub.cards import check_card_inputs
+
+            check_card_inputs(args.output_dir)  # the card is written there at the end: a malformed input fails now
         validate_training_data(train_dataset, self.num_classes, "train_dataset", require_every_class=True)
         eval_sets = eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset]
         for dataset in eval_sets:
@@ -523,6 +532,8 @@ class CSRTrainer(Trainer):
                 output_dir=run_dir, save_total_limit=self.args.save_total_limit,
                 best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True,
             )
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)  # once complete and in place: one push per save
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
@@ -545,14 +556,15 @@ class CSRTrainer(Trainer):
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Save the final model atomically: into a staging folder first, then file by file with
-        ``os.replace`` (a kill never leaves a truncated ``model.safetensors`` in ``output_dir``)."""
-        if _internal_call or self._staging_root is not None:
-            return super().save_model(output_dir, _internal_call)
+        ``os.replace`` (a kill never leaves a truncated ``model.safetensors`` in ``output_dir``). With
+        ``push_to_hub=True``, a call by the user then pushes (after the files are in place, once)."""
+        if self._staging_root is not None:  # inside _save_checkpoint: already a staging folder
+            return super().save_model(output_dir, _internal_call=True)
         output_dir = output_dir or self.args.output_dir
         staged = os.path.join(output_dir, _STAGING_DIR, "final-model")
         if self.args.should_save and os.path.exists(staged):
             shutil.rmtree(staged)
-        super().save_model(staged, _internal_call)
+        super().save_model(staged, _internal_call=True)  # the base class must not push the half-moved folder
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             for entry in sorted(os.listdir(staged)):
@@ -561,6 +573,139 @@ class CSRTrainer(Trainer):
             with contextlib.suppress(OSError):
                 os.rmdir(os.path.dirname(staged))
         self.accelerator.wait_for_everyone()
+        if self.args.push_to_hub and not _internal_call and output_dir == self.args.output_dir:
+            self._push_output_dir(commit_message="Model save", revision=self.args.hub_revision)
+
+    # ------------------------------------------------------------------ the Hub
+    def create_model_card(
+        self,
+        language: Optional[str] = None,
+        license: Optional[str] = None,
+        tags=None,
+        model_name: Optional[str] = None,
+        finetuned_from: Optional[str] = None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+        *,
+        repo_id: Optional[str] = None,
+        output_dir: Optional[str] = None,
+        training: Optional[Dict[str, Any]] = None,
+        dataset_name: Optional[str] = None,
+    ):
+        """The robust model card (``README.md`` in ``output_dir``, default ``args.output_dir``), replacing
+        ``Trainer.create_model_card``'s generic one, as TRL's trainers do: YAML metadata with ``base_model``,
+        ``datasets``, ``license``, tags and a model-index (average and worst-class accuracy per attack, from
+        ``results.json``), the class-wise table and plots, the training set-up read from this trainer's args
+        and state (:func:`hf_csr.hub.cards.training_setup`), framework versions, intended uses and limitations
+        and the citation. ``training`` adds to (and overrides) the set-up read from the args; ``repo_id`` is
+        the target repo (``push_to_hub`` passes it). Returns the card's path (None on other processes)."""
+        from .hub.cards import base_model_of, dataset_card_info, training_setup, write_model_card
+
+        if not self.is_world_process_zero():
+            return None
+        setup = training_setup(self)
+        setup.update(training or {})
+        data = dataset_card_info(self.train_dataset, self.eval_dataset)
+        if dataset_name in ("cifar10", "cifar100", "fashion_mnist"):  # a known dataset's key, not a display name
+            data["dataset"], dataset_name = dataset_name, None
+        if isinstance(dataset, str):
+            data["dataset"] = dataset if dataset in ("cifar10", "cifar100", "fashion_mnist") else data.get("dataset")
+            if dataset.count("/") == 1:
+                data["datasets"] = [dataset] + [d for d in data.get("datasets", []) if d != dataset]
+        elif isinstance(dataset, (list, tuple)):
+            data["datasets"] = list(dataset) + [d for d in data.get("datasets", []) if d not in dataset]
+        extra_tags = [tags] if isinstance(tags, str) else list(tags or [])
+        model = self.accelerator.unwrap_model(self.model)
+        config = getattr(model, "config", None)
+        base_model = finetuned_from or base_model_of(model)
+        licence = {"license": license}
+        if license is None and base_model:  # weights derived from another repo keep its licence
+            licence = {"license": "other", "license_name": "same-as-base-model",
+                       "license_link": f"https://huggingface.co/{base_model}"}
+        return write_model_card(
+            output_dir or self.args.output_dir,
+            config=config.to_dict() if hasattr(config, "to_dict") else None,
+            repo_id=repo_id or self.args.hub_model_id,
+            base_model=base_model,
+            training=setup,
+            **licence,
+            tags=extra_tags or None,
+            model_name=model_name,
+            dataset_name=dataset_name,
+            **data,
+        )
+
+    def _hub_repo_id(self) -> str:
+        return getattr(self, "hub_model_id", None) or self.args.hub_model_id or os.path.basename(
+            os.path.abspath(self.args.output_dir))
+
+    def push_to_hub(
+        self,
+        commit_message: Optional[str] = "End of training",
+        blocking: bool = True,
+        token: Optional[str] = None,
+        revision: Optional[str] = None,
+        private: Optional[bool] = None,
+        **kwargs,
+    ):
+        """Save the model (atomically), render the card for the target repo (``args.hub_model_id``), then upload
+        the safe files of ``args.output_dir`` with :func:`hf_csr.hub.push_checkpoint`: safetensors weights,
+        ``config.json``, ``preprocessor_config.json``, the card, ``results.json`` and plots -- never a pickle
+        (``training_args.bin``, optimizer states) and never a ``checkpoint-*`` folder. Call it on every process
+        (the save is collective); only the main process uploads. The upload is always blocking; ``kwargs`` go to
+        :meth:`create_model_card`. Returns the ``CommitInfo`` (None on other processes)."""
+        self.save_model(_internal_call=True)
+        return self._push_output_dir(commit_message, token=token, revision=revision, private=private, **kwargs)
+
+    def _push_output_dir(self, commit_message, *, token=None, revision=None, private=None, extra_files=None, **card_kwargs):
+        from .hub.push import push_checkpoint
+
+        if not self.is_world_process_zero():
+            return None
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        repo_id = self._hub_repo_id()
+        self.create_model_card(repo_id=repo_id, **card_kwargs)
+        return push_checkpoint(
+            self.args.output_dir, repo_id, token=token if token is not None else self.args.hub_token,
+            private=private if private is not None else self.args.hub_private_repo, commit_message=commit_message,
+            revision=revision or self.args.hub_revision, extra_files=extra_files,
+        )
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """``push_to_hub=True`` at each save (``hub_strategy`` ``every_save``, ``checkpoint``,
+        ``all_checkpoints``; ``end`` pushes only in :meth:`push_to_hub`): once the checkpoint is complete and
+        renamed into place, its model files are copied (atomically) to ``output_dir``, the card is refreshed and
+        the safe files are committed in one blocking commit -- with ``checkpoint`` / ``all_checkpoints`` also
+        the checkpoint's safe files under ``last-checkpoint/`` / ``checkpoint-N/`` (weights, config,
+        ``trainer_state.json``; the optimizer, scheduler, RNG and CSR states are pickles and stay local).
+        Called by ``Trainer._save_checkpoint`` while the checkpoint is still staged: then it does nothing.
+        A failed push is logged and retried at the next save; training goes on."""
+        from .hub.push import HubPushError, safe_checkpoint_files
+
+        if self._staging_root is not None or not self.args.should_save or not self.is_world_process_zero():
+            return
+        if self.args.hub_strategy == HubStrategy.END:
+            return
+        output_dir = self.args.output_dir
+        for name in safe_checkpoint_files(checkpoint_folder, model_only=True):
+            temporary = os.path.join(output_dir, f".{name}.partial")
+            shutil.copyfile(os.path.join(checkpoint_folder, name), temporary)
+            os.replace(temporary, os.path.join(output_dir, name))
+        extra = None
+        if self.args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS):
+            prefix = "last-checkpoint" if self.args.hub_strategy == HubStrategy.CHECKPOINT else os.path.basename(checkpoint_folder)
+            extra = {f"{prefix}/{name}": os.path.join(checkpoint_folder, name)
+                     for name in safe_checkpoint_files(checkpoint_folder)}
+        if self.args.save_strategy == SaveStrategy.STEPS:
+            message = f"Training in progress, step {self.state.global_step}"
+        else:
+            message = f"Training in progress, epoch {int(self.state.epoch or 0)}"
+        try:
+            self._push_output_dir(message, extra_files=extra)
+        except HubPushError as error:
+            logger.warning("push of %s failed (training goes on; the next save pushes again): %s", checkpoint_folder, error)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(
@@ -628,36 +773,31 @@ class CSRTrainer(Trainer):
         output_dir: Optional[str] = None,
         training: Optional[Dict[str, Any]] = None,
         dataset_name: Optional[str] = None,
+        max_examples: Optional[int] = None,
     ) -> Dict[str, Any]:
         """Final evaluation: ``results.json``, ``results.md``, the plots and the model card (README.md)
-        in ``output_dir`` (default ``args.output_dir``); returns the results dict on every process."""
-        from .hub import write_model_card
+        in ``output_dir`` (default ``args.output_dir``); returns the results dict on every process.
 
+        ``max_examples`` (default ``args.eval_max_examples``; None evaluates the whole set) limits the
+        evaluation to a class-balanced subset. ``results.json`` is merged with an earlier one in
+        ``output_dir`` per attack and number of examples (an earlier, larger evaluation of an attack is kept).
+        The card is :meth:`create_model_card`'s: the training set-up, classes, backbone and input shape come
+        from this trainer's args and model, so no argument is needed; ``training`` adds to the set-up."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         output_dir = output_dir or self.args.output_dir
-        report = self.robustness_report(dataset, attacks, batch_size=batch_size)
+        limit = self.args.eval_max_examples if max_examples is None else max_examples
+        report = self.robustness_report(dataset, attacks, batch_size=batch_size, limit=limit)
         results: Dict[str, Any] = {}
         if report is not None:
+            os.makedirs(output_dir, exist_ok=True)
             report.save(output_dir)
-            results = report.to_dict()
-            write_model_card(output_dir, results, training=training, dataset_name=dataset_name)
+            from .hub.cards import read_results
+
+            results = read_results(os.path.join(output_dir, "results.json"))  # merged with earlier evaluations
+            self.create_model_card(output_dir=output_dir, training=training, dataset_name=dataset_name)
             logger.info("evaluation of %s:\n%s", output_dir, report.markdown_table(per_class=False))
         self.accelerator.wait_for_everyone()
         return self._broadcast(results)
-
-    def push_to_hub(self, commit_message: Optional[str] = "End of training", blocking: bool = True, **kwargs):
-        """Upload ``args.output_dir`` (safetensors weights, config, card, results.json, plots) to
-        ``args.hub_model_id`` with :func:`hf_csr.hub.push_checkpoint`; the card is (re)written first."""
-        from .hub import push_checkpoint, write_model_card
-
-        if not self.is_world_process_zero():
-            return None
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
-        write_model_card(self.args.output_dir, repo_id=repo_id)
-        return push_checkpoint(
-            self.args.output_dir, repo_id, token=self.args.hub_token, private=self.args.hub_private_repo,
-            commit_message=commit_message, revision=kwargs.get("revision", self.args.hub_revision),
-        )
 
     def _broadcast(self, value):
         if self.accelerator.num_processes == 1:

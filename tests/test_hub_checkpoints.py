@@ -133,7 +133,8 @@ def test_convert_command_writes_a_save_pretrained_directory(local_hub, tmp_path,
     local_hub.add_repo("someone/trades-awp", {"model.pt": _bytes(original)})
     out = tmp_path / "converted"
     assert main(["convert", "someone/trades-awp", str(out), "--filename", "model.pt", "--threat-model", "Linf:8/255"]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "card.json", "config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "card.json", "config.json", "model.safetensors",
+                                                    "preprocessor_config.json"]
     model = AutoModelForImageClassification.from_pretrained(out).eval()
     assert torch.allclose(_logits(model), trades_reference_forward(original, X, 10), atol=1e-5)
     assert "base_model: someone/trades-awp" in (out / "README.md").read_text()

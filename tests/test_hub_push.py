@@ -56,7 +56,7 @@ def test_push_then_load_back_with_identical_logits_and_card(local_hub, checkpoin
     info = push_checkpoint(directory, "me/wrn-csr")
     assert info.oid in local_hub.repos[("model", "me/wrn-csr")].commits
     uploaded = set(local_hub.files("me/wrn-csr"))
-    assert uploaded == {".gitattributes", "config.json", "model.safetensors", "README.md", "results.json",
+    assert uploaded == {".gitattributes", "config.json", "preprocessor_config.json", "model.safetensors", "README.md", "results.json",
                         "plots/confusion_matrix_autoattack.png"}  # no pickles
     assert ("POST", "/api/models/me/wrn-csr/commit/main") in local_hub.requests
 

@@ -97,7 +97,9 @@ class TensorImageDataset(Dataset):
         if not isinstance(image, torch.Tensor):
             image = torch.from_numpy(np.ascontiguousarray(image))
         if self.channels_last_input:
-            image = image.movedim(-1, -3)
+            # canonical strides: .contiguous() keeps movedim's strides for 1-channel images (size-1 dims
+            # count as contiguous), and a model that flattens with .view then fails
+            image = image.movedim(-1, -3).clone(memory_format=torch.contiguous_format)
         return image
 
     def __getitem__(self, index: int) -> Dict[str, torch.Tensor]:
@@ -109,7 +111,7 @@ class TensorImageDataset(Dataset):
         images = self.images[index] if isinstance(self.images, torch.Tensor) else self.images[np.asarray(index)]
         images = images if isinstance(images, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(images))
         if self.channels_last_input:
-            images = images.movedim(-1, -3)
+            images = images.movedim(-1, -3).clone(memory_format=torch.contiguous_format)  # canonical strides
         return to_unit_float(images), self.labels[index]
 
     def subset(self, indices: Sequence[int], name: Optional[str] = None) -> "TensorImageDataset":

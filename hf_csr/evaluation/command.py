@@ -20,8 +20,9 @@ PROGRESS_DIR = ".progress"
 INPUT_CONVENTION = """\
 input convention: images are fed to the model as float pixel values in [0, 1] (uint8 / 255), without
 normalisation; the model normalises them itself (hf_csr's RobustImageClassifier does, with the mean/std of
-its config), so --eps is in pixel units as in AutoAttack and RobustBench. A model that expects normalised
-inputs cannot be detected and would be evaluated wrongly. Pixel values outside [0, 1] are an error.
+its config; a transformers model's image processor or a timm model's pretrained config is folded into the
+model; a module:factory model gets --mean/--std), so --eps is in pixel units as in AutoAttack and
+RobustBench. Pixel values outside [0, 1] are an error.
 
 outputs (in --output-dir): results.json, results.md (the table, also printed), confusion_matrix.png
 (the robust confusion matrix of the headline attack, paper Fig. 3), classwise_accuracy.png and, with
@@ -55,7 +56,9 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
         epilog=INPUT_CONVENTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", required=True, help="a Hub model id or a local save_pretrained directory")
+    from ..models.loading import add_model_arguments
+
+    add_model_arguments(parser)  # --model and the options of a plain PyTorch classifier
     parser.add_argument("--dataset", required=True,
                         help="fashion_mnist, a .npz file (image/label arrays), a .parquet file, a local datasets "
                         "folder (imagefolder, save_to_disk) or a Hub dataset id such as uoft-cs/cifar10")
@@ -100,21 +103,11 @@ def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
     return parser
 
 
-def _load_model(name_or_dir: str, device):
-    from transformers import AutoModelForImageClassification
+def _load_model(args, device):
+    """Any classifier, in pixel space (hf_csr.models.loading.load_robust_model)."""
+    from ..models.loading import load_model_from_args
 
-    from ..models import RobustImageClassifier
-
-    try:
-        model = AutoModelForImageClassification.from_pretrained(name_or_dir)
-    except OSError as error:
-        raise ValueError(f"--model {name_or_dir!r}: cannot load a checkpoint ({error})") from error
-    if not isinstance(model, RobustImageClassifier):
-        logger.warning(
-            "%s is a %s, not an hf_csr RobustImageClassifier: make sure it takes [0, 1] pixel values and "
-            "normalises them itself, otherwise the numbers are wrong.", name_or_dir, type(model).__name__,
-        )
-    return model.to(device).eval()
+    return load_model_from_args(args, device)
 
 
 def _check_eps(text: str, norm: Optional[str]) -> float:
@@ -145,7 +138,8 @@ def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
     The training set-up and base model come from the model directory's ``card.json`` (written with its card at
     the end of training or conversion) when ``model`` is a local directory; a Hub id becomes the card's repo id.
     """
-    from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, _read_json, write_model_card
+    from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, write_model_card
+    from ..hub.cards import read_card_metadata as _read_json  # checked: a malformed card.json is a named error
 
     kwargs = {}
     model_dir = Path(model)
@@ -192,6 +186,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if shards.is_main:
         try:
             ensure_writable_dir(args.output_dir, "--output-dir")
+            if not args.no_card:
+                from ..hub.cards import check_card_inputs
+
+                check_card_inputs(Path(args.output_dir))  # a malformed card.json / results.json fails now
         except ValueError as failure:
             error = str(failure)
     error = shards.broadcast(error)
@@ -207,7 +205,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     attacks = parse_attacks(args.attacks, args.autoattack_version)
     eps = None if args.eps is None else _check_eps(args.eps, args.norm)
     device = torch.device(args.device) if args.device else default_device
-    model = _load_model(args.model, device)
+    model = _load_model(args, device)
     norm, eps = _threat_model(model, args.norm, eps)
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
@@ -252,7 +250,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         report.compare_with_train(reports["train"])
     paths = report.save(output_dir)
     if not args.no_card:
-        paths.append(_write_card(args.model, output_dir, report.to_dict(), config))
+        paths.append(_write_card(args.model, output_dir, None, config))  # None: the merged results.json
     if progress is not None and args.resume_dir is None:
         shutil.rmtree(progress, ignore_errors=True)  # the default progress folder has served its purpose
     logger.info("wrote %s", ", ".join(str(p) for p in paths))

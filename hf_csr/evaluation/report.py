@@ -6,6 +6,8 @@ modules), so that the library and the metric modules cannot disagree.
 
 from __future__ import annotations
 
+import json
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +22,9 @@ from ..metrics.robust_confusion.robust_confusion import robust_confusion as _rob
 from ..utils import atomic_write_json, atomic_write_text
 from .specs import WORST_OF_ALL
 
-__all__ = ["AttackResult", "RobustnessReport", "classwise_agreement"]
+__all__ = ["AttackResult", "RobustnessReport", "classwise_agreement", "merge_results"]
+
+logger = logging.getLogger(__name__)
 
 
 def classwise_agreement(train_per_class_acc: Sequence[float], test_per_class_acc: Sequence[float]) -> Dict[str, Any]:
@@ -91,9 +95,18 @@ class AttackResult:
 
     @property
     def worst_class(self) -> Dict[str, Any]:
-        """``{"index", "name", "accuracy"}`` of the class with the lowest accuracy."""
+        """``{"index", "name", "accuracy"}`` of the class with the lowest accuracy; when several classes share
+        that accuracy, ``"ties"`` lists all their names (and ``"tie_indices"`` their indices), the first of
+        them being ``index`` / ``name``."""
         m = self.metrics
-        return {"index": m["worst_class"], "name": m["worst_class_name"], "accuracy": m["worst_class_accuracy"]}
+        worst = {"index": m["worst_class"], "name": m["worst_class_name"], "accuracy": m["worst_class_accuracy"]}
+        per_class = self.per_class_accuracy
+        if worst["accuracy"] is not None and not math.isnan(worst["accuracy"]):
+            tied = [int(i) for i in np.flatnonzero(per_class == worst["accuracy"])]
+            if len(tied) > 1:
+                worst["ties"] = [str(self.class_names[i]) for i in tied]
+                worst["tie_indices"] = tied
+        return worst
 
     @property
     def confusion_matrix(self) -> np.ndarray:
@@ -204,8 +217,10 @@ class RobustnessReport:
         ]
         for name, r in self.attacks.items():
             m, worst = r.metrics, r.worst_class
+            worst_text = (f"{cell(', '.join(worst['ties']))} (tie)" if worst.get("ties")
+                          else f"{cell(worst['name'])} ({worst['index']})")
             lines.append(
-                f"| {cell(name)} | {_pct(r.accuracy)} | {cell(worst['name'])} ({worst['index']}) | "
+                f"| {cell(name)} | {_pct(r.accuracy)} | {worst_text} | "
                 f"{_pct(worst['accuracy'])} | {_pct(m['std'])} | {_pct(m['best_worst_gap'])} | "
                 f"{_num(m['spectral_norm'])} | {_num(m['l1_norm'])} | {_num(m['nu'])} |"
             )
@@ -230,10 +245,14 @@ class RobustnessReport:
         return "\n".join(lines)
 
     def save(self, output_dir: Union[str, Path], *, plots: bool = True) -> List[Path]:
-        """Write ``results.json``, ``results.md`` and (with ``plots``) the PNG figures; return the paths."""
+        """Write ``results.json``, ``results.md`` and (with ``plots``) the PNG figures; return the paths.
+
+        An existing ``results.json`` is merged with this report (:func:`merge_results`): attacks evaluated
+        before and not now are kept, and an attack's earlier evaluation on more examples is kept over a
+        smaller new one. Local paths (the model, the dataset) are written as their last component only."""
         output_dir = Path(output_dir)
         paths = [output_dir / "results.json", output_dir / "results.md"]
-        atomic_write_json(paths[0], self.to_dict())
+        atomic_write_json(paths[0], merge_results(paths[0], self.to_dict()))
         atomic_write_text(paths[1], self.markdown_table() + "\n")
         if plots:
             from .plots import save_plots
@@ -254,3 +273,87 @@ def _pct(value: float) -> str:
 
 def _num(value: float, digits: int = 4) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.{digits}f}"
+
+
+def _same_threat(a: Any, b: Any) -> bool:
+    if not isinstance(a, dict) or not isinstance(b, dict):
+        return a == b
+    try:
+        return a.get("norm") == b.get("norm") and math.isclose(float(a.get("eps")), float(b.get("eps")), rel_tol=1e-9)
+    except (TypeError, ValueError):
+        return False
+
+
+def merge_results(path: Union[str, Path], new: Dict[str, Any]) -> Dict[str, Any]:
+    """The ``results.json`` document after an evaluation ``new``, merged with the one already at ``path``.
+
+    Every attack entry records its own ``num_examples`` and ``seed``. Per attack, the evaluation on more
+    examples wins (the newer one on equal numbers), so a quick 20-image run never replaces a 1000-image one;
+    attacks only the old file has are kept. ``evaluations`` lists every run merged in (examples, seed, attacks
+    with average and worst-class accuracy). When the old file is for other classes or another threat model,
+    or cannot be read, it is kept beside as ``results.previous-N.json`` (with a warning) and ``new`` starts
+    afresh. Local paths in ``model`` / ``dataset`` become their last component.
+    """
+    from ..hub.cards import _scrub
+
+    path = Path(path)
+    new = dict(new)
+    for key in ("model", "dataset"):
+        if key in new:
+            new[key] = _scrub(new[key])
+    n_new = new.get("num_examples")
+    attacks_new = {name: {**entry, "num_examples": entry.get("num_examples", n_new), "seed": entry.get("seed", new.get("seed"))}
+                   for name, entry in (new.get("attacks") or {}).items()}
+    run = {"num_examples": n_new, "seed": new.get("seed"),
+           "attacks": {name: {"accuracy": e.get("accuracy"), "worst_class_accuracy": (e.get("worst_class") or {}).get("accuracy")}
+                       for name, e in attacks_new.items()}}
+    new["attacks"] = attacks_new
+    new["evaluations"] = [run]
+    if not path.is_file():
+        return new
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(old, dict) or not isinstance(old.get("attacks", {}), dict):
+            raise ValueError("not a results object")
+        reason = None
+        if old.get("class_names") != new.get("class_names"):
+            reason = "other class names"
+        elif not _same_threat(old.get("threat_model"), new.get("threat_model")):
+            reason = f"another threat model ({old.get('threat_model')})"
+    except (ValueError, UnicodeDecodeError) as error:
+        old, reason = None, f"unreadable ({error})"
+    if reason is not None:
+        k = 1
+        while (path.parent / f"results.previous-{k}.json").exists():
+            k += 1
+        aside = path.parent / f"results.previous-{k}.json"
+        path.replace(aside)
+        logger.warning("%s is for %s: kept as %s; results.json now holds only the new evaluation.", path, reason, aside.name)
+        return new
+    n_old = old.get("num_examples")
+    merged = {}
+    for name, entry in old["attacks"].items():
+        if isinstance(entry, dict):
+            merged[name] = {**entry, "num_examples": entry.get("num_examples", n_old), "seed": entry.get("seed", old.get("seed"))}
+    for name, entry in attacks_new.items():
+        previous = merged.get(name)
+        size = lambda e: e.get("num_examples") if isinstance(e.get("num_examples"), int) else -1  # noqa: E731
+        if previous is not None and size(previous) > size(entry):
+            logger.warning(
+                "%s: keeping the earlier %s evaluation on %s examples over this one on %s (evaluate at least as many "
+                "examples to replace it; this run is listed under 'evaluations').", path, name, previous.get("num_examples"),
+                entry.get("num_examples"))
+            continue
+        merged[name] = entry
+    order = [k for k in attacks_new] + [k for k in merged if k not in attacks_new]
+    out = {**old, **new}
+    out["attacks"] = {k: merged[k] for k in order}
+    out["flags"] = list(dict.fromkeys(list(old.get("flags") or []) + list(new.get("flags") or [])))
+    history = old.get("evaluations")
+    if not isinstance(history, list):
+        history = [{"num_examples": n_old, "seed": old.get("seed"),
+                    "attacks": {name: {"accuracy": e.get("accuracy"),
+                                       "worst_class_accuracy": (e.get("worst_class") or {}).get("accuracy")}
+                                for name, e in old["attacks"].items() if isinstance(e, dict)}}]
+    out["evaluations"] = [h for h in history if h != run] + [run]  # the same run again is listed once
+    return _json_safe(out)

@@ -5,10 +5,21 @@
 * :func:`download_generated_data`, :func:`convert_generated_data` / ``hf-csr convert-data`` and
   :class:`GeneratedImageDataset`: DDPM-generated ``.npz`` images -> memory-mapped shards.
 * :func:`render_model_card` / :func:`write_model_card` / ``hf-csr card``: class-wise model cards.
-* :func:`push_checkpoint` / ``hf-csr push``: upload a checkpoint directory.
+* :func:`push_checkpoint` / ``hf-csr push``: upload a checkpoint directory (regular files only, safe types only;
+  the card is re-rendered for the target repo first).
+* :func:`training_setup`: the training set-up of a ``CSRTrainer`` as its card shows it.
 """
 
-from .cards import MODEL_CARD_TEMPLATE, escape_markdown, render_model_card, write_model_card
+from .cards import (
+    CARD_DATASETS,
+    MODEL_CARD_TEMPLATE,
+    escape_markdown,
+    read_card_metadata,
+    read_results,
+    render_model_card,
+    training_setup,
+    write_model_card,
+)
 from .checkpoints import (
     DATASETS,
     LAYOUTS,
@@ -27,9 +38,10 @@ from .generated_data import (
     convert_generated_data,
     download_generated_data,
 )
-from .push import PUSH_PATTERNS, HubPushError, check_checkpoint_dir, push_checkpoint
+from .push import PUSH_PATTERNS, HubPushError, check_checkpoint_dir, push_checkpoint, regular_files
 
 __all__ = [
+    "CARD_DATASETS",
     "DATASETS",
     "DDPM_DATA_REPO",
     "LAYOUTS",
@@ -49,7 +61,11 @@ __all__ = [
     "escape_markdown",
     "load_published",
     "push_checkpoint",
+    "read_card_metadata",
     "read_checkpoint",
+    "read_results",
+    "regular_files",
     "render_model_card",
+    "training_setup",
     "write_model_card",
 ]

@@ -149,6 +149,7 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
                 f"cannot read the safetensors file {str(path)!r}: {error}. The file is truncated or corrupted; "
                 "download or save it again."
             ) from error
+    _check_expanded_size(path)
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -170,6 +171,42 @@ def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
             "parameter names to tensors, possibly inside {'model_state_dict': ...} or {'state_dict': ...})."
         )
     return checkpoint
+
+
+#: A checkpoint whose records would expand beyond this is refused before anything is allocated (8 GiB:
+#: a 2-billion-parameter float32 network, the largest config hf_csr accepts).
+MAX_CHECKPOINT_BYTES = 8 * 1024**3
+#: torch.save stores records uncompressed; a deflated record expanding more than this is a decompression bomb.
+_MAX_COMPRESSION_RATIO = 50
+
+
+def _check_expanded_size(path: Path) -> None:
+    """Refuse a torch zip checkpoint whose records would expand to more than :data:`MAX_CHECKPOINT_BYTES`
+    (read from the zip directory: nothing is decompressed), or holds a deflated record that expands more than
+    50-fold beyond 1 MiB -- torch never writes those, so a small file that unpacks to gigabytes is refused."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return  # legacy (pre-1.6) format: its size is the file's
+    try:
+        with zipfile.ZipFile(path) as archive:
+            entries = archive.infolist()
+    except (zipfile.BadZipFile, OSError) as error:
+        raise ValueError(f"cannot read the checkpoint {str(path)!r}: {error}. It is truncated or corrupted.") from error
+    total = sum(entry.file_size for entry in entries)
+    if total > MAX_CHECKPOINT_BYTES:
+        raise ValueError(
+            f"refusing to load {str(path)!r}: its records would expand to {total / 1024**3:.1f} GiB, more than the "
+            f"{MAX_CHECKPOINT_BYTES / 1024**3:.3g} GiB limit (a 2-billion-parameter network). It is not a robust "
+            "image classifier checkpoint, or it is a decompression bomb."
+        )
+    for entry in entries:
+        if (entry.compress_type != zipfile.ZIP_STORED and entry.file_size > 1024**2
+                and entry.file_size > _MAX_COMPRESSION_RATIO * max(entry.compress_size, 1)):
+            raise ValueError(
+                f"refusing to load {str(path)!r}: its record {entry.filename!r} is compressed {entry.compress_size:,} "
+                f"bytes that expand to {entry.file_size:,} (torch.save never compresses); a decompression bomb."
+            )
 
 
 def _state_dict(checkpoint: Mapping[str, Any], source: str) -> Dict[str, torch.Tensor]:
@@ -426,6 +463,16 @@ def load_published(
         revision / cache_dir / token / local_files_only: passed to ``hf_hub_download``.
     """
     entry, path, repo_id, filename = _resolve_source(source, filename)
+    if backbone is not None and not timm.is_model(backbone):
+        from ..models.modeling_robust import _check_backbone_name
+
+        try:
+            _check_backbone_name(backbone)
+        except ValueError as error:
+            raise ValueError(
+                f"{error} To evaluate your own architecture, no conversion is needed: `hf-csr evaluate --model "
+                "package.module:factory --weights FILE --input-size C,H,W` (or hf_csr.load_robust_model(module))."
+            ) from None
     if path is None:
         path = hub_file(
             repo_id, filename, revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only
@@ -466,6 +513,7 @@ def load_published(
         image_mean=list(mean) if mean is not None else None,
         image_std=list(std) if std is not None else None,
         threat_model=threat_model or (entry.threat_model if entry is not None else None),
+        base_model=repo_id,
         id2label=dict(enumerate(class_names)),
         label2id={name: i for i, name in enumerate(class_names)},
     )

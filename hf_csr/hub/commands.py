@@ -31,10 +31,24 @@ def _threat_model(text: str) -> dict:
 
 
 @contextlib.contextmanager
-def _staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """A fresh directory beside ``output`` that replaces it only once everything is written."""
+def _staged_directory(output: Path, overwrite: bool, keep=()) -> Iterator[Path]:
+    """A fresh directory beside ``output`` that replaces it only once everything is written. ``--overwrite``
+    never deletes an input: a ``keep`` path (the source checkpoint, the cache) inside ``output`` is refused."""
     if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
         raise ValueError(f"{str(output)!r} already exists and is not empty; pass --overwrite to replace it.")
+    if output.exists() or output.is_symlink():
+        target = output.resolve()
+        for path in keep:
+            if path is None:
+                continue
+            resolved = Path(path).expanduser().resolve()
+            if resolved == target or target in resolved.parents:
+                raise ValueError(
+                    f"{str(output)!r} holds the input {str(path)!r}: replacing it (--overwrite) would delete the input. "
+                    "Write to another output directory."
+                )
+        if output.is_symlink():
+            raise ValueError(f"{str(output)!r} is a symbolic link; give a real directory as the output.")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -60,12 +74,17 @@ def _convert(args: argparse.Namespace) -> int:
         dataset=args.dataset, threat_model=args.threat_model, revision=args.revision, cache_dir=args.cache_dir,
     )
     output = Path(args.output_dir)
-    with _staged_directory(output, args.overwrite) as staging:
+    with _staged_directory(output, args.overwrite, keep=[Path(args.source), args.cache_dir]) as staging:
         model.save_pretrained(staging)
+        license = args.license
+        license_name = license_link = None
+        if license is None and repo_id:  # a third-party model keeps its original's licence
+            license, license_name, license_link = "other", "same-as-base-model", f"https://huggingface.co/{repo_id}"
         write_model_card(
             staging,
             base_model=repo_id,
             dataset=args.dataset or (entry.dataset if entry else None),
+            license=license, license_name=license_name, license_link=license_link,
             training={"converted from": f"{repo_id}/{filename}" if repo_id else Path(args.source).name,
                       "backbone": model.config.backbone, **model.config.backbone_kwargs},
         )
@@ -97,8 +116,11 @@ def _card(args: argparse.Namespace) -> int:
             training = json.loads(Path(args.training).read_text(encoding="utf-8"))
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"--training {args.training!r} must be a readable JSON file: {error}") from error
+    if training is not None and not isinstance(training, dict):
+        raise ValueError(f"--training {args.training!r} must hold a JSON object (setting -> value).")
     path = write_model_card(
-        args.checkpoint_dir, repo_id=args.repo_id, base_model=args.base_model, training=training, dataset=args.dataset
+        args.checkpoint_dir, repo_id=args.repo_id, base_model=args.base_model, training=training, dataset=args.dataset,
+        license=args.license,
     )
     sys.stdout.write(f"wrote {path}\n")
     return 0
@@ -120,6 +142,7 @@ def _push(args: argparse.Namespace) -> int:
 
 def add_hub_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``convert``, ``convert-data``, ``card`` and ``push`` on the ``hf-csr`` subparsers."""
+    from .cards import CARD_DATASETS
     from .checkpoints import DATASETS, PUBLISHED_CHECKPOINTS
 
     convert = sub.add_parser(
@@ -136,7 +159,9 @@ def add_hub_commands(sub: argparse._SubParsersAction) -> None:
     convert.add_argument("--threat-model", type=_threat_model, help="e.g. Linf:8/255 or L2:128/255")
     convert.add_argument("--revision")
     convert.add_argument("--cache-dir")
-    convert.add_argument("--overwrite", action="store_true")
+    convert.add_argument("--overwrite", action="store_true",
+                         help="replace output_dir (never allowed when it holds the source file)")
+    convert.add_argument("--license", help="the card's licence id (default: the original's, via its Hub repo)")
     convert.set_defaults(func=_convert)
 
     data = sub.add_parser("convert-data", help="stream DDPM-generated .npz images into memory-mapped shards")
@@ -154,10 +179,12 @@ def add_hub_commands(sub: argparse._SubParsersAction) -> None:
     card.add_argument("--repo-id")
     card.add_argument("--base-model")
     card.add_argument("--training", help="JSON file with the training set-up")
-    card.add_argument("--dataset", choices=sorted(DATASETS))
+    card.add_argument("--dataset", choices=sorted(CARD_DATASETS))
+    card.add_argument("--license", help="licence id for the card's metadata (default: apache-2.0, or as recorded)")
     card.set_defaults(func=_card)
 
-    push = sub.add_parser("push", help="upload a checkpoint directory (safetensors, config, card, results, plots)")
+    push = sub.add_parser("push", help="upload a checkpoint directory (safetensors, config, card, results, plots); the card "
+                          "is refreshed for the repo id first; symbolic links are not followed")
     push.add_argument("checkpoint_dir")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true", default=None)

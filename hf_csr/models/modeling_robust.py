@@ -1,7 +1,16 @@
 """``RobustImageClassifier``: a transformers ``PreTrainedModel`` around any timm backbone.
 
 Inputs are ``pixel_values`` in [0, 1]; the model normalises them with its own mean/std, so attack
-budgets are in pixel units (the AutoAttack / RobustBench convention). The config records the
+budgets are in pixel units (the AutoAttack / RobustBench convention). ``save_pretrained`` also writes a
+``preprocessor_config.json`` (:meth:`RobustImageClassifier.image_processor`: resize to the model's size and
+rescale to [0, 1], *no* normalisation), so ``pipeline("image-classification", model=...)`` and
+``AutoImageProcessor`` work after ``import hf_csr``.
+
+A bare timm backbone from hf_csr's registry (``timm.create_model("wrn28_10_ddpm.dm_cifar10_linf",
+pretrained=True)``) does *not* normalise: it expects inputs already normalised with its ``pretrained_cfg``
+mean/std, so an attack budget on its input is not in pixel units. Use
+``hf_csr.hub.load_published("wrn28_10_ddpm.dm_cifar10_linf")`` (or ``hf_csr.load_robust_model``), which wraps
+it in a :class:`RobustImageClassifier` that normalises inside. The config records the
 backbone (name and arguments), mean/std, class names and the threat model the weights were trained
 for. ``save_pretrained`` writes safetensors; ``AutoModelForImageClassification.from_pretrained``
 loads it back after ``import hf_csr``.
@@ -20,14 +29,22 @@ import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
 from torch import nn
-from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedConfig, PreTrainedModel
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ViTImageProcessor,
+)
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..utils import check_pixel_values, input_checks_enabled
 from .timm_format import TIMM_CONFIG_KEYS, write_timm_hub_files
 
-__all__ = ["RobustClassifierConfig", "RobustImageClassifier", "create_robust_classifier", "MAX_PARAMETERS"]
+__all__ = ["RobustClassifierConfig", "RobustImageClassifier", "RobustImageProcessor", "create_robust_classifier",
+           "MAX_PARAMETERS"]
 
 #: Configs describing a larger network are rejected before any memory is allocated.
 MAX_PARAMETERS = 2_000_000_000
@@ -71,6 +88,7 @@ class RobustClassifierConfig(PreTrainedConfig):
         image_mean / image_std: per-channel normalisation applied inside ``forward``; default: the
             backbone's timm ``pretrained_cfg`` when its channel count matches, else 0.5 / 0.5.
         threat_model: ``{"norm": "Linf" | "L2", "eps": float}``, the budget the weights target.
+        base_model: the Hub repo the weights come from (converted or fine-tuned), for the card's ``base_model``.
         id2label / label2id / num_labels: class names, as for every transformers classifier.
     """
 
@@ -83,6 +101,7 @@ class RobustClassifierConfig(PreTrainedConfig):
     image_mean: Optional[list] = None
     image_std: Optional[list] = None
     threat_model: Optional[dict] = None
+    base_model: Optional[str] = None
 
     def __post_init__(self, **kwargs):
         _check_backbone_name(self.backbone)
@@ -113,6 +132,8 @@ class RobustClassifierConfig(PreTrainedConfig):
         for key in TIMM_CONFIG_KEYS:  # timm's Hub-format keys in config.json (see timm_format.py): not ours
             kwargs.pop(key, None)
             self.__dict__.pop(key, None)
+        if self.base_model is not None and not isinstance(self.base_model, str):
+            raise ValueError(f"base_model must be a Hub repo id (str) or None; got {self.base_model!r}.")
         super().__post_init__(**kwargs)
         if not isinstance(self.num_labels, int) or not 2 <= self.num_labels <= _MAX_CLASSES:
             raise ValueError(f"num_labels must be an integer in [2, {_MAX_CLASSES}]; got {self.num_labels!r}.")
@@ -222,17 +243,29 @@ class RobustImageClassifier(PreTrainedModel):
             ) from error
         self.gradient_checkpointing = bool(enable)
 
+    def image_processor(self) -> "RobustImageProcessor":
+        """The image processor of this model (:class:`RobustImageProcessor`): PIL images to the model's
+        channels, resized to ``image_size`` and rescaled to [0, 1], *without* normalising (the model normalises
+        inside, so budgets stay in pixel units)."""
+        size = self.config.image_size
+        return RobustImageProcessor(
+            num_channels=self.config.num_channels, do_resize=True, size={"height": size, "width": size},
+            do_rescale=True, rescale_factor=1 / 255, do_normalize=False,
+        )
+
     # ------------------------------------------------------------------ saving
     def save_pretrained(self, save_directory, *args, is_main_process: bool = True, **kwargs):
-        """``PreTrainedModel.save_pretrained``, plus timm's Hub format in the same directory (see
-        :mod:`hf_csr.models.timm_format`): ``timm.create_model("hf-hub:<repo>", pretrained=True)`` loads the
-        backbone from a pushed directory. That timm model expects *normalised* inputs."""
+        """``PreTrainedModel.save_pretrained``, plus ``preprocessor_config.json`` (:meth:`image_processor`) and
+        timm's Hub format in the same directory (see :mod:`hf_csr.models.timm_format`):
+        ``timm.create_model("hf-hub:<repo>", pretrained=True)`` loads the backbone from a pushed directory. That
+        timm model expects *normalised* inputs."""
         push = kwargs.pop("push_to_hub", False)
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
         result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
+            self.image_processor().save_pretrained(save_directory)
             write_timm_hub_files(self, str(save_directory), variant=kwargs.get("variant"))
-            if push:  # after the timm files exist (transformers would upload before they are written)
+            if push:  # after the processor and timm files exist (transformers would upload before they are written)
                 hub.setdefault("repo_id", os.path.basename(os.path.normpath(str(save_directory))))
                 self.push_to_hub(token=kwargs.get("token"), **hub)
         return result
@@ -262,6 +295,32 @@ class RobustImageClassifier(PreTrainedModel):
         if not return_dict:
             return (logits,) if loss is None else (loss, logits)
         return ImageClassifierOutput(loss=loss, logits=logits)
+
+
+class RobustImageProcessor(ViTImageProcessor):
+    """transformers' ViT image processor (resize, rescale; here without normalisation) that first converts PIL
+    images to the model's channels: greyscale (``L``, ITU-R 601-2 luma) for 1-channel models, RGB for 3-channel
+    ones -- ``pipeline("image-classification")`` hands every image over as RGB."""
+
+    def __init__(self, num_channels: int = 3, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_channels = int(num_channels)
+
+    def preprocess(self, images, *args, **kwargs):
+        import PIL.Image
+
+        mode = {1: "L", 3: "RGB"}.get(self.num_channels)
+
+        def convert(image):
+            if mode is not None and isinstance(image, PIL.Image.Image) and image.mode != mode:
+                return image.convert(mode)
+            return image
+
+        if isinstance(images, (list, tuple)):
+            images = [[convert(i) for i in item] if isinstance(item, (list, tuple)) else convert(item) for item in images]
+        else:
+            images = convert(images)
+        return super().preprocess(images, *args, **kwargs)
 
 
 def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
@@ -296,8 +355,9 @@ def create_robust_classifier(
     num_classes: Optional[int] = None,
     *,
     class_names: Optional[Sequence[str]] = None,
-    num_channels: int = 3,
-    image_size: int = 32,
+    num_channels: Optional[int] = None,
+    image_size: Optional[int] = None,
+    dataset: Any = None,
     mean: Optional[Sequence[float]] = None,
     std: Optional[Sequence[float]] = None,
     threat_model: Optional[dict] = None,
@@ -306,7 +366,23 @@ def create_robust_classifier(
     """Build a randomly initialised :class:`RobustImageClassifier`.
 
     ``class_names`` (or ``num_classes``) fixes the classes; ``backbone_kwargs`` go to timm.
+    ``dataset``: an hf_csr dataset (e.g. ``load_image_dataset(...)``) or anything yielding
+    ``{"pixel_values": (C, H, W)}`` with ``class_names``: the classes, channels and image size not given
+    are taken from it (defaults without a dataset: 3 channels, 32 x 32). A mismatch between the model and
+    the data is also caught when the :class:`~hf_csr.CSRTrainer` is built.
     """
+    if dataset is not None:
+        data_channels, data_size = _dataset_geometry(dataset)
+        if num_channels is not None and num_channels != data_channels:
+            raise ValueError(f"num_channels = {num_channels} but the dataset's images have {data_channels} channels.")
+        if image_size is not None and image_size != data_size:
+            raise ValueError(f"image_size = {image_size} but the dataset's images are {data_size} x {data_size}.")
+        num_channels, image_size = data_channels, data_size
+        names = getattr(dataset, "class_names", None)
+        if class_names is None and num_classes is None and names:
+            class_names = list(names)
+    num_channels = 3 if num_channels is None else num_channels
+    image_size = 32 if image_size is None else image_size
     if class_names is not None:
         names: List[str] = [str(n) for n in class_names]
         if num_classes is not None and num_classes != len(names):
@@ -314,7 +390,7 @@ def create_robust_classifier(
     elif num_classes is not None:
         names = [str(i) for i in range(num_classes)]
     else:
-        raise ValueError("pass num_classes or class_names.")
+        raise ValueError("pass num_classes, class_names or a dataset with class_names.")
     config = RobustClassifierConfig(
         backbone=backbone,
         backbone_kwargs=dict(backbone_kwargs),
@@ -329,5 +405,24 @@ def create_robust_classifier(
     return RobustImageClassifier(config)
 
 
+def _dataset_geometry(dataset: Any) -> tuple:
+    """(channels, size) of a dataset's images: its ``image_shape`` when it has one, else its first example."""
+    shape = getattr(dataset, "image_shape", None)
+    if shape is None:
+        real = getattr(dataset, "real", dataset)
+        try:
+            first = real[0]
+            shape = tuple(torch.as_tensor(first["pixel_values"]).shape)
+        except (KeyError, TypeError, IndexError) as error:
+            raise ValueError(
+                "dataset= must yield {'pixel_values': (C, H, W), 'labels': ...} (an hf_csr dataset such as "
+                f"load_image_dataset(...)); reading its first example failed ({type(error).__name__}: {error})."
+            ) from None
+    if len(shape) != 3 or shape[1] != shape[2]:
+        raise ValueError(f"dataset images must be square (C, H, W); got shape {tuple(shape)}.")
+    return int(shape[0]), int(shape[1])
+
+
 AutoConfig.register(RobustClassifierConfig.model_type, RobustClassifierConfig, exist_ok=True)
 AutoModelForImageClassification.register(RobustClassifierConfig, RobustImageClassifier, exist_ok=True)
+AutoImageProcessor.register(RobustClassifierConfig, RobustImageProcessor, exist_ok=True)

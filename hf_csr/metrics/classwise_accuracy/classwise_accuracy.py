@@ -5,10 +5,11 @@ import evaluate
 import numpy as np
 
 _CITATION = """\
-@misc{confusional_spectral_regularization,
-  title  = {Enhancing Robust Fairness via Confusional Spectral Regularization},
-  author = {Anonymous},
-  note   = {Under double-blind review. Code: https://github.com/Alexkael/CONFUSIONAL-SPECTRAL-REGULARIZATION}
+@inproceedings{jin2025enhancing,
+  title     = {Enhancing Robust Fairness via Confusional Spectral Regularization},
+  author    = {Jin, Gaojie and Wu, Sihao and Liu, Jiaxu and Huang, Tianjin and Mu, Ronghui},
+  booktitle = {International Conference on Learning Representations (ICLR)},
+  year      = {2025}
 }
 """
 
