@@ -28,9 +28,9 @@ def test_paper_configs_use_the_released_confusion_pass_or_say_why_not(config):
     assert training.max_grad_norm == 0.0
     if training.fairness_method != "csr":
         return
-    if training.csr_confusion_source != "epoch":
+    if training.fairness_config.confusion_source != "epoch":
         text = config.read_text()
-        assert "Why not:" in text, f"{config.name} uses {training.csr_confusion_source!r} without saying why"
+        assert "Why not:" in text, f"{config.name} uses {training.fairness_config.confusion_source!r} without saying why"
 
 
 def test_table2_recipe_fine_tunes_as_dm_improves_at():

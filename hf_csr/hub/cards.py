@@ -508,8 +508,6 @@ def training_setup(trainer: Any) -> Dict[str, Any]:
     """The training set-up of a :class:`~hf_csr.CSRTrainer` as its card shows it: method, base loss, CSR
     variant / confusion source / alpha / gamma, threat model, *global* batch, devices, optimizer and schedule,
     precision, epochs and steps -- all read from the trainer's own arguments and state."""
-    from dataclasses import fields
-
     args = trainer.args
     method = args.fairness_method
     name = {"pgd": "PGD-AT", "trades": "TRADES"}.get(args.base_loss, str(args.base_loss))
@@ -522,14 +520,9 @@ def training_setup(trainer: Any) -> Dict[str, Any]:
     setup: Dict[str, Any] = {"method": name, "base_loss": args.base_loss}
     if args.base_loss == "trades":
         setup["trades_beta"] = args.trades_beta
-    if method == "csr":
-        setup.update(csr_variant=args.csr_variant, csr_confusion_source=args.csr_confusion_source,
-                     csr_alpha=args.csr_alpha, csr_gamma=args.csr_gamma)
-        if args.csr_confusion_source == "ema":
-            setup["csr_ema_momentum"] = args.csr_ema_momentum
-    elif method not in (None, "none"):
-        prefix = f"{method}_"
-        setup.update({f.name: getattr(args, f.name) for f in fields(args) if f.name.startswith(prefix)})
+    fairness = getattr(trainer, "fairness", None)
+    if fairness is not None:  # the method's own settings, as the method shows them (FairnessMethod.card_fields)
+        setup.update(fairness.card_fields())
     eps = float(args.attack_eps)
     setup["threat_model"] = f"{args.attack_norm}, eps = {eps:.5g} ({eps * 255:.4g}/255)"
     setup["training_attack"] = (f"PGD-{args.attack_steps}, step {float(args.attack_step_size):.5g}, "
