@@ -154,6 +154,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir
+    from ..validation import check_budget
     from .robustness import evaluate_robustness
     from .specs import parse_attacks
 
@@ -170,6 +171,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = _load_model(args.model, device)
     norm, eps = _threat_model(model, args.norm, eps)
+    check_budget(eps, norm, "--eps")  # --eps without --norm: the norm came from the model (hf_csr.validation)
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     model_names = [id2label[i] for i in sorted(id2label)] or None
