@@ -24,6 +24,7 @@ SIGTERM stop, and honest resumes.
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -285,11 +286,19 @@ def resume_settings(args) -> Dict[str, Any]:
     settings = {}
     for name in sorted(set(names)):
         value = getattr(args, name)
-        if hasattr(value, "value") and not isinstance(value, _PLAIN):  # enums
+        if isinstance(value, enum.Enum):  # SchedulerType, OptimizerNames: plain values for weights_only loading
             value = value.value
-        if isinstance(value, float):
+        if isinstance(value, bool) or value is None:
+            pass
+        elif isinstance(value, float):
             value = float(value)  # PixelValue -> float
-        settings[name] = value if isinstance(value, _PLAIN) else str(value)
+        elif isinstance(value, int):
+            value = int(value)
+        elif isinstance(value, str):
+            value = str.__str__(value)
+        else:
+            value = str(value)
+        settings[name] = value
     return settings
 
 
