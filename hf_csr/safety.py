@@ -405,9 +405,12 @@ def _compare_settings(trainer, state: Dict[str, Any], path: str) -> None:
         fairness = state.get("fairness")
         name = fairness.get("name") if isinstance(fairness, dict) else None
         confusion = state["confusion"]
-        saved = {"fairness_method": name or args.fairness_method}
-        if name is None and args.fairness_method not in ("none", "csr"):
-            saved["fairness_method"] = "csr or none"
+        # Only CSR keeps an 'ema' / 'epoch' estimate; a 'batch' one may be CSR's or that of plain PGD-AT/TRADES.
+        if name is None and confusion.get("source") in ("ema", "epoch"):
+            name = "csr"
+        if name is None:
+            name = args.fairness_method if args.fairness_method in ("none", "csr") else "csr or none"
+        saved = {"fairness_method": name}
         if confusion.get("source") != "batch" or args.fairness_method == "csr":
             saved.update({"csr_ema_momentum": confusion.get("momentum"), "csr_gamma": confusion.get("gamma"),
                           "csr_variant": confusion.get("variant")})
