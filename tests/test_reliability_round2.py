@@ -580,3 +580,21 @@ def test_sigterm_mid_training_then_resume_gives_the_uninterrupted_weights(tmp_pa
     assert reference.keys() == resumed.keys()
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_ddp_rank_stops_every_rank_at_the_same_step(tmp_path):
+    """torchrun, 2 processes, SIGTERM to rank 1 only: the stop flag is all-reduced, so rank 0 (which saves)
+    stops at the same step boundary, the checkpoint is written once and both ranks exit non-zero."""
+    from .test_trainer import free_port
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(REPO / "tests" / "sigterm_ddp_worker.py"), "--out", str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0, result.stderr[-3000:]
+    records = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["interrupted"] for r in records), records
+    assert records[0]["global_step"] == records[1]["global_step"] == 2, records
+    checkpoints = [p.name for p in (tmp_path / "run").glob("checkpoint-*")]
+    assert checkpoints == ["checkpoint-2"] and (tmp_path / "run" / "checkpoint-2" / CSR_STATE_NAME).is_file()
