@@ -125,7 +125,8 @@ class DivergenceGuard(TrainerCallback):
             self._fail(args, state_view, f"the weights of {len(bad)} tensor(s) ({', '.join(bad[:3])}) became NaN or inf")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "base_loss", "csr_psi", "grad_norm"):
+        keys = ("loss", "base_loss", "csr_psi") + (() if self._scaled_gradients() else ("grad_norm",))
+        for key in keys:
             value = (logs or {}).get(key)
             if isinstance(value, (int, float)) and not math.isfinite(value):
                 self._fail(args, state, f"the logged {key} is {value}")
