@@ -20,6 +20,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .utils import as_logits, check_choice, check_pixel_values, inputs_prevalidated
+from .validation import MAX_ATTACK_STEPS, check_budget
 
 __all__ = [
     "NORMS",
@@ -237,10 +238,13 @@ def pgd_attack(
     check_choice("random_start", random_start, RANDOM_STARTS)
     check_choice("bn_mode", bn_mode, BN_MODES)
     eps = _as_budget(eps, "eps", x)
+    check_budget(eps, norm, "eps")  # finite, and <= 1 for Linf on [0, 1] images
     step_size = _as_budget(step_size, "step_size", x)
     _check_step_within_budget(step_size, eps)
-    if not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be a non-negative integer; got {steps!r}.")
+    if steps > MAX_ATTACK_STEPS:
+        raise ValueError(f"steps must be at most {MAX_ATTACK_STEPS}; got {steps}.")
     if validate:
         check_pixel_values(x, name="x")
         if y.shape != (x.shape[0],) or y.is_floating_point():

@@ -29,6 +29,7 @@ from transformers.training_args import OptimizerNames
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
 from .evaluation.specs import parse_attacks
 from .utils import parse_pixel_value
+from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list
 
 __all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "resolve_fairness_config"]
 
@@ -134,8 +135,32 @@ class CSRTrainingArguments(TrainingArguments):
     report_to: None | str | list[str] = field(default="none", metadata={"help": "Integrations to report to (tensorboard, wandb, ...)."})
 
     def __post_init__(self):
+        self._validate_inherited_fields()
         self._validate_csr_fields()
         super().__post_init__()
+
+    def _validate_inherited_fields(self) -> None:
+        """The Trainer's own settings that would otherwise reach training: a NaN learning rate trains a NaN
+        model (logged as loss 0.0), a negative one ascends the loss; unbounded counts never finish."""
+        from .validation import check_finite_number, check_seed
+
+        check_finite_number(self.learning_rate, "learning_rate", minimum=0)
+        check_finite_number(self.weight_decay, "weight_decay", minimum=0)
+        check_finite_number(self.max_grad_norm, "max_grad_norm", minimum=0)
+        check_finite_number(self.num_train_epochs, "num_train_epochs", minimum=0, maximum=1e6)
+        check_finite_number(self.warmup_steps, "warmup_steps", minimum=0)
+        for name in ("adam_beta1", "adam_beta2"):
+            check_finite_number(getattr(self, name), name, minimum=0, maximum=1)
+        check_finite_number(self.adam_epsilon, "adam_epsilon", minimum=0)
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+        if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or not -1 <= self.max_steps < 2**40:
+            raise ValueError(f"max_steps must be -1 (use num_train_epochs) or a positive integer below 2**40; got {self.max_steps!r}.")
+        check_seed(self.seed, "seed")
+        if self.data_seed is not None:
+            check_seed(self.data_seed, "data_seed")
 
     # ------------------------------------------------------------------ validation
     def _validate_csr_fields(self) -> None:
@@ -166,23 +191,23 @@ class CSRTrainingArguments(TrainingArguments):
                 f"attack_step_size ({self.attack_step_size:.4g}) must not exceed attack_eps ({self.attack_eps:.4g}); "
                 "the paper uses eps/4."
             )
-        if not isinstance(self.attack_steps, int) or self.attack_steps < 1:
-            raise ValueError(f"attack_steps must be a positive integer; got {self.attack_steps!r}.")
+        if isinstance(self.attack_steps, bool) or not isinstance(self.attack_steps, int) or not 1 <= self.attack_steps <= MAX_ATTACK_STEPS:
+            raise ValueError(f"attack_steps must be an integer in [1, {MAX_ATTACK_STEPS}]; got {self.attack_steps!r}.")
         if not math.isfinite(self.trades_beta) or self.trades_beta < 0:
             raise ValueError(f"trades_beta must be >= 0; got {self.trades_beta}.")
         if not math.isfinite(self.awp_gamma) or self.awp_gamma < 0:
             raise ValueError(f"awp_gamma must be >= 0 (0 disables AWP); got {self.awp_gamma}.")
-        if self.awp_warmup < 0:
+        if isinstance(self.awp_warmup, bool) or not isinstance(self.awp_warmup, int) or self.awp_warmup < 0:
             raise ValueError(f"awp_warmup must be >= 0; got {self.awp_warmup}.")
         if not self.eval_attack_list:
             raise ValueError(f"eval_attacks must name at least one attack (e.g. 'clean,pgd20'); got {self.eval_attacks!r}.")
-        parse_attacks(self.eval_attacks)  # names the unknown attack and the allowed forms
+        check_attack_list(self.eval_attacks, "eval_attacks")  # names the unknown attack; bounded steps
         if self.eval_max_examples is not None and self.eval_max_examples < 1:
             raise ValueError(f"eval_max_examples must be positive or None; got {self.eval_max_examples}.")
-        if self.crop_padding < 0:
-            raise ValueError(f"crop_padding must be >= 0; got {self.crop_padding}.")
+        if isinstance(self.crop_padding, bool) or not isinstance(self.crop_padding, int) or not 0 <= self.crop_padding <= MAX_CROP_PADDING:
+            raise ValueError(f"crop_padding must be an integer in [0, {MAX_CROP_PADDING}] (pixels); got {self.crop_padding!r}.")
         self.milestone_epochs()  # validates lr_milestones
-        if not 0 < self.lr_decay_factor <= 1:
+        if not isinstance(self.lr_decay_factor, (int, float)) or not 0 < self.lr_decay_factor <= 1:
             raise ValueError(f"lr_decay_factor must lie in (0, 1]; got {self.lr_decay_factor}.")
 
     @property

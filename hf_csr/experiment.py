@@ -31,6 +31,7 @@ from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
 from .utils import atomic_write_json
+from .validation import check_attack_list
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary",
            "check_launch"]
@@ -155,6 +156,7 @@ def parse_args(
             f"unknown setting(s) {unknown} in {known.config or 'the recipe defaults'}; valid names are the fields of "
             "ExperimentArguments and CSRTrainingArguments and the fairness methods' flags (see --help)."
         )
+    values = _check_value_types(values, known.config or "the recipe defaults")
     parser.add_argument("--config", help="YAML file of settings (overridden by command-line flags).")
     parser.set_defaults(**values)
     if "output_dir" not in values and "--output_dir" not in rest and "--output-dir" not in rest:
@@ -200,6 +202,67 @@ def _read_config(path: str) -> Dict[str, Any]:
     return data
 
 
+def _field_kinds() -> Dict[str, Tuple[type, ...]]:
+    """Per setting, the YAML value types it accepts (``str`` is always parsed by argparse as on the command line)."""
+    import typing
+
+    kinds: Dict[str, Tuple[type, ...]] = {}
+    for dc in (ExperimentArguments, CSRTrainingArguments):
+        hints = typing.get_type_hints(dc)
+        for f in fields(dc):
+            args = typing.get_args(hints[f.name]) or (hints[f.name],)
+            accepted = set()
+            for arg in args:
+                origin = typing.get_origin(arg) or arg
+                if arg is type(None):
+                    accepted.add(type(None))
+                elif origin is typing.Literal:
+                    accepted.update(type(v) for v in typing.get_args(arg))
+                elif isinstance(origin, type) and issubclass(origin, bool):
+                    accepted.add(bool)
+                elif isinstance(origin, type) and issubclass(origin, float):
+                    accepted.update((float, int))
+                elif isinstance(origin, type) and issubclass(origin, int):
+                    accepted.add(int)
+                elif isinstance(origin, type) and issubclass(origin, str):
+                    accepted.add(str)
+                elif origin in (list, dict):
+                    accepted.add(origin)
+                else:
+                    accepted.add(object)  # anything else: left to the field's own validation
+            kinds[f.name] = tuple(accepted)
+    return kinds
+
+
+def _check_value_types(values: Dict[str, Any], source: str) -> Dict[str, Any]:
+    """Refuse YAML / default values of the wrong type with an error naming the setting and the file.
+
+    argparse converts only *string* defaults, so a YAML list, mapping, float for an integer or boolean for a
+    number would otherwise reach the arguments unchecked (silently, or as a raw crash much later)."""
+    kinds = _field_kinds()
+    checked = dict(values)
+    for name, value in values.items():
+        accepted = kinds.get(name, (object,))
+        if object in accepted or isinstance(value, str) or value is None and type(None) in accepted:
+            continue  # strings go through argparse's own type conversion, as on the command line
+        if name == "backbone_kwargs" and isinstance(value, dict):
+            continue
+        if set(accepted) <= {str, type(None)} and isinstance(value, (int, float)) and not isinstance(value, bool):
+            checked[name] = str(value)  # e.g. `lr_milestones: 100` for a text setting
+            continue
+        ok = any(isinstance(value, kind) for kind in accepted)
+        if isinstance(value, bool) and bool not in accepted:
+            ok = False  # YAML `yes` / `true` for a number
+        if isinstance(value, float) and float not in accepted:
+            ok = False  # 1.5 for an integer setting is not silently truncated
+        if not ok:
+            names = sorted({"null" if k is type(None) else k.__name__ for k in accepted})
+            raise ValueError(
+                f"{name} in {source} must be of type {' or '.join(names)}; got {value!r} ({type(value).__name__})."
+            )
+    return checked
+
+
 # --------------------------------------------------------------------------- model and data
 def load_datasets(experiment: ExperimentArguments, training: CSRTrainingArguments, num_channels: Optional[int] = None):
     """(train, eval) datasets; with ``generated_data``, the train set mixes real and generated images."""
@@ -210,6 +273,12 @@ def load_datasets(experiment: ExperimentArguments, training: CSRTrainingArgument
     train = load_image_dataset(experiment.dataset, experiment.train_split, limit=experiment.train_limit, **common)
     evaluation = load_image_dataset(experiment.dataset, experiment.eval_split, limit=experiment.eval_limit,
                                     class_names=train.class_names, **common)
+    if tuple(train.image_shape) != tuple(evaluation.image_shape):
+        raise ValueError(
+            f"the {experiment.train_split!r} images of {experiment.dataset!r} are (C, H, W) = {tuple(train.image_shape)} "
+            f"but the {experiment.eval_split!r} images are {tuple(evaluation.image_shape)}; both splits must have the "
+            "model's geometry."
+        )
     if experiment.generated_data:
         generated = _generated_dataset(experiment, training, train.class_names)
         train = MixedImageDataset(train, generated, real_fraction=experiment.real_fraction,
@@ -379,6 +448,8 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     set_seed(training.seed)
     train_dataset, eval_dataset = load_datasets(experiment, training)
     model = build_model(experiment, training, train_dataset)
+    # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
+    check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
     resume = training.resume_from_checkpoint
     if resume in ("true", "True", "last"):
@@ -400,13 +471,21 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
 
 
 def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None) -> int:
+    """A recipe's entry point: one clear error line and a non-zero status for every failure (the
+    traceback only with ``--log_level debug``); 143 when SIGTERM stopped the run after its checkpoint."""
+    from .cli import run_reporting_errors
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        experiment, training = parse_args(argv, defaults)
-        check_launch(training)
-    except ValueError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = any(a.lower() in ("--log_level=debug", "--log-level=debug") for a in argv) or any(
+        a in ("--log_level", "--log-level") and i + 1 < len(argv) and argv[i + 1].lower() == "debug"
+        for i, a in enumerate(argv))
+    return run_reporting_errors(lambda: _main(defaults, argv), "error", debug=debug, debug_hint="--log_level debug")
+
+
+def _main(defaults: Optional[Mapping[str, Any]], argv: Sequence[str]) -> int:
+    experiment, training = parse_args(argv, defaults)
+    check_launch(training)
     results = run(experiment, training)
     atomic_write_json(os.path.join(training.output_dir, "run_summary.json"),
                       {"experiment": asdict(experiment), "training": results.get("training_summary") or training_summary(training),

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from transformers import Trainer, TrainerCallback, TrainerState
+from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, HubStrategy, SaveStrategy, TrainOutput, get_last_checkpoint, rotate_checkpoints
 
 from .attacks import attack_mode, pgd_attack, random_init
@@ -43,6 +43,7 @@ from .data.core import check_labels_in_range
 from .fairness.base import FairnessMethod, LossInputs
 from .fairness.context import FairnessContext
 from .fairness.registry import get_fairness_method
+from . import safety
 from .regularizer import BatchStatistics, confusion_counts
 from .utils import as_logits, check_pixel_values, derived_seed, ensure_writable_dir, inputs_prevalidated
 
@@ -200,6 +201,8 @@ class CSRTrainer(Trainer):
         self._micro_step = 0
         self._staging_root: Optional[str] = None
         self._reset_metrics()
+        safety.preflight(self, train_dataset, eval_dataset)  # fail before the work (hf_csr.safety)
+        safety.attach(self)  # divergence guard + SIGTERM checkpoint, ahead of _CSRCallback's train-end hooks
         self.add_callback(_CSRCallback(self))
 
     # ------------------------------------------------------------------ helpers
@@ -468,7 +471,7 @@ class CSRTrainer(Trainer):
                 raise ValueError(f"resume_from_checkpoint=True but {self.args.output_dir} has no checkpoint-N folder.")
         state_file = os.path.join(checkpoint, "trainer_state.json") if isinstance(checkpoint, str) else None
         if state_file and self.args.max_steps > 0 and os.path.isfile(state_file):
-            state = TrainerState.load_from_json(state_file)
+            state = safety.read_trainer_state(state_file)
             if state.global_step >= self.args.max_steps:
                 logger.info("%s already reached max_steps = %d: restoring it, no further training",
                             checkpoint, self.args.max_steps)
@@ -478,8 +481,10 @@ class CSRTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial, **kwargs)
 
     def csr_state_dict(self) -> Dict[str, Any]:
-        """What ``csr_state.pt`` holds: the fairness method's name and state."""
-        return {"fairness": {"name": self.fairness.name, "state": self.fairness.state_dict()}}
+        """What ``csr_state.pt`` holds: the fairness method's name and state, and the settings that decide a
+        training step (compared on resume: :func:`hf_csr.safety.restore_csr_state`)."""
+        return {"fairness": {"name": self.fairness.name, "state": self.fairness.state_dict()},
+                "settings": safety.resume_settings(self.args)}
 
     def load_csr_state_dict(self, state: Dict[str, Any]) -> None:
         saved = state.get("fairness")
@@ -537,22 +542,11 @@ class CSRTrainer(Trainer):
         self.accelerator.wait_for_everyone()
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        # Files are checked (and named when broken) before anything is loaded; a resume that cannot
+        # continue exactly is reported, a changed fairness method refused (hf_csr.safety).
+        safety.check_checkpoint_files(self, resume_from_checkpoint)
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        path = os.path.join(resume_from_checkpoint, CSR_STATE_NAME)
-        if not os.path.isfile(path):
-            raise ValueError(
-                f"{resume_from_checkpoint} has no {CSR_STATE_NAME}: it was not written by CSRTrainer (or is "
-                "incomplete), so the confusion estimate cannot be restored. Resume from a CSRTrainer checkpoint."
-            )
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # refused pickle (code in it), truncated or corrupted file
-            raise ValueError(
-                f"cannot load {path}: torch.load(weights_only=True) rejected it ({type(error).__name__}: "
-                f"{str(error).splitlines()[0] if str(error) else ''}). It is truncated, corrupted or holds more than "
-                "tensors and plain containers; resume from another checkpoint."
-            ) from error
-        self.load_csr_state_dict(state)
+        safety.restore_csr_state(self, resume_from_checkpoint, CSR_STATE_NAME)
 
     def save_model(self, output_dir: Optional[str] = None, _internal_call: bool = False) -> None:
         """Save the final model atomically: into a staging folder first, then file by file with

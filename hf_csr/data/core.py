@@ -60,7 +60,13 @@ class TensorImageDataset(Dataset):
     ) -> None:
         self.name = name
         self.class_names = [str(c) for c in class_names]
-        labels = torch.as_tensor(np.asarray(labels)).long().reshape(-1)
+        labels = torch.as_tensor(np.asarray(labels))
+        if labels.is_floating_point() and labels.numel() and not bool(torch.equal(labels, labels.round())):
+            raise ValueError(
+                f"{name}: labels must be integer class indices; got {labels.dtype} values such as "
+                f"{labels[labels != labels.round()][:3].tolist()}. Float labels are never truncated."
+            )
+        labels = labels.long().reshape(-1)
         if len(images) != len(labels):
             raise ValueError(
                 f"{name}: {len(images)} images but {len(labels)} labels; the two must have the same length."

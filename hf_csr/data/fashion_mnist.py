@@ -9,6 +9,7 @@ small model trained on a CPU.
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import struct
 from pathlib import Path
@@ -20,6 +21,8 @@ import torch
 from .core import TensorImageDataset
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "fashion_mnist_dir", "load_fashion_mnist"]
+
+logger = logging.getLogger(__name__)
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
@@ -86,13 +89,25 @@ def load_fashion_mnist(
 
 
 def balanced_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Indices of a random subset of ``size`` examples with (nearly) equal counts per class, sorted."""
+    """Indices of a random subset of ``size`` examples (all when ``size >= len(labels)``), sorted.
+
+    Examples are taken round-robin over the classes (a random order within each), so the subset has equal
+    counts per class as long as every class has enough examples; on an imbalanced set, a class that runs
+    out is all kept and the others fill the remaining places -- the subset always has ``size`` examples
+    (a balanced-only subset would shrink to K times the smallest class)."""
     labels = np.asarray(labels)
     if size <= 0:
         raise ValueError(f"the subset size must be positive; got {size}.")
     rng = np.random.default_rng(seed)
     classes = np.unique(labels)
     per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    # Round-robin over classes, so that any prefix is balanced.
-    order = np.stack([p[: min(len(q) for q in per_class)] for p in per_class], axis=1).reshape(-1)
+    # Order by (rank within the class, class): any prefix is as balanced as the data allows.
+    index = np.concatenate(per_class)
+    rank = np.concatenate([np.arange(len(p)) for p in per_class])
+    klass = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_class)])
+    order = index[np.lexsort((klass, rank))]
+    smallest = min(len(p) for p in per_class)
+    if size > smallest * len(per_class) and size < len(labels):
+        logger.info("balanced_subset: the classes are imbalanced (smallest has %d examples): the %d examples are "
+                    "as balanced as the data allows", smallest, size)
     return np.sort(order[:size])

@@ -16,6 +16,7 @@ Images are decoded once into one uint8 array, so this suits evaluation sets and 
 from __future__ import annotations
 
 import logging
+import os
 import zipfile
 import zlib
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..validation import check_channels_last_images, check_class_indices
 from .core import TensorImageDataset
 from .fashion_mnist import load_fashion_mnist
 
@@ -88,9 +90,13 @@ def _load_npz(path: Path, image_key: Optional[str], label_key: Optional[str], cl
         raise ValueError(
             f"{path}: '{image_key}' must be uint8 (N, H, W, C) or (N, H, W); got {images.dtype} {images.shape}."
         )
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{path}: '{label_key}' must hold integer class indices; got dtype {labels.dtype}.")
-    images, labels = (images[..., None] if images.ndim == 3 else images), labels.astype(np.int64)
+    # The same layout rule as `hf-csr convert-data`: channels last, 1 or 3 channels.
+    check_channels_last_images(images.shape, f"{path}: '{image_key}'")
+    # Integer dtype (float labels are refused, not truncated) and a bounded range, checked before
+    # anything sized by the largest label (the class-name list) is allocated.
+    labels = check_class_indices(labels, f"{path}: '{label_key}'",
+                                 None if class_names is None else len(class_names))
+    images = images[..., None] if images.ndim == 3 else images
     if limit is not None and limit < len(labels):
         keep = stratified_subset(labels, limit, seed)
         images, labels = images[keep], labels[keep]
@@ -108,9 +114,22 @@ def _load_hf(name_or_path: str, split: str):
                 raise ValueError(f"{path} has no split {split!r}; it has {list(loaded)}. Pass split=...")
             loaded = loaded[split]
         return loaded
-    if path.is_file() and path.suffix == ".parquet":
-        return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
-    return datasets.load_dataset(name_or_path, split=split)
+    try:
+        if path.is_file() and path.suffix == ".parquet":
+            return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
+        return datasets.load_dataset(name_or_path, split=split)
+    except (ValueError, FileNotFoundError):
+        raise  # datasets' own messages name the split / path
+    except Exception as error:  # offline, unreachable Hub, unknown repo, broken files
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE") or \
+            os.environ.get("HF_DATASETS_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
+        hint = (" HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set and the dataset is not in the local cache: download it "
+                "once with network access, or pass a local folder, .parquet or .npz file.") if offline else \
+            " Check the name (a Hub dataset id, a local folder, a .parquet or .npz file) and the network."
+        raise ValueError(
+            f"cannot load the dataset {name_or_path!r} (split {split!r}): {type(error).__name__}: "
+            f"{str(error).splitlines()[0] if str(error) else ''}.{hint}"
+        ) from error
 
 
 def _pick_column(dataset, given: Optional[str], feature_type, names: Tuple[str, ...], what: str, option: str) -> str:
@@ -142,7 +161,8 @@ def _hf_labels(dataset, column: str, class_names) -> Tuple[np.ndarray, list]:
         return np.array([index[v] for v in values.tolist()], dtype=np.int64), names
     if not np.issubdtype(values.dtype, np.integer):
         raise ValueError(f"label column {column!r} must hold class indices or names; got {feature}.")
-    return values.astype(np.int64), _names_for(values, class_names)
+    values = check_class_indices(values, f"label column {column!r}", None if class_names is None else len(class_names))
+    return values, _names_for(values, class_names)
 
 
 def _hf_images(dataset, column: str, num_channels: Optional[int]) -> np.ndarray:
@@ -219,5 +239,6 @@ def load_image_dataset(
 
 def _dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str], name: str) -> TensorImageDataset:
     """(N, H, W, C) uint8 images as a dataset that yields (C, H, W)."""
+    check_channels_last_images(images.shape, name)
     return TensorImageDataset(torch.from_numpy(np.ascontiguousarray(images)), labels, names, channels_last_input=True,
                               name=name)

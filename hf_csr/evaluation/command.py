@@ -166,6 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir
+    from ..validation import check_budget
     from .robustness import evaluate_robustness
     from .sharding import Shards
     from .specs import parse_attacks
@@ -207,6 +208,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     device = torch.device(args.device) if args.device else default_device
     model = _load_model(args, device)
     norm, eps = _threat_model(model, args.norm, eps)
+    check_budget(eps, norm, "--eps")  # --eps without --norm: the norm came from the model (hf_csr.validation)
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     model_names = [id2label[i] for i in sorted(id2label)] or None

@@ -45,6 +45,7 @@ from tqdm.auto import tqdm
 from ..attacks import NORMS, attack_loss, attack_mode, pgd_attack
 from ..data.core import check_labels_in_range, to_unit_float
 from ..utils import as_logits, atomic_save, atomic_write_json, check_choice, check_pixel_values, inputs_prevalidated, parse_pixel_value
+from ..validation import check_evaluation_inputs
 from .report import AttackResult, RobustnessReport
 from .sharding import Shards, example_keys, keyed_normal, keyed_uniform
 from .specs import WORST_OF_ALL, AttackConfig, AutoAttackConfig, PGDConfig, parse_attacks
@@ -541,6 +542,7 @@ def evaluate_robustness(
         raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
+    check_evaluation_inputs(model, eps, norm)  # Linf eps <= 1; refuse NaN/inf weights (hf_csr.validation)
     configs = parse_attacks(attacks, autoattack_version)
     dtype = _resolve_autocast(autocast_dtype)
     source = _Images(images, labels)

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..utils import parse_pixel_value
+from ..validation import check_budget
 
 __all__ = ["add_hub_commands"]
 
@@ -25,7 +26,7 @@ def _threat_model(text: str) -> dict:
     if not sep or norm not in ("Linf", "L2"):
         raise argparse.ArgumentTypeError(f"expected NORM:EPS with NORM Linf or L2, e.g. Linf:8/255; got {text!r}")
     try:
-        return {"norm": norm, "eps": parse_pixel_value(eps, "eps")}
+        return {"norm": norm, "eps": check_budget(parse_pixel_value(eps, "eps"), norm, "--threat-model eps")}
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 

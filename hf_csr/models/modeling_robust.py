@@ -140,6 +140,8 @@ class RobustClassifierConfig(PreTrainedConfig):
 
 
 def _check_threat_model(threat_model: Optional[dict]) -> Dict[str, Any]:
+    from ..validation import check_budget
+
     threat = {"norm": "Linf", "eps": 8 / 255}
     if threat_model is not None:
         if not isinstance(threat_model, dict):
@@ -150,7 +152,7 @@ def _check_threat_model(threat_model: Optional[dict]) -> Dict[str, Any]:
     eps = threat["eps"]
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"threat_model['eps'] must be a positive number (pixel units); got {eps!r}.")
-    threat["eps"] = float(eps)
+    threat["eps"] = check_budget(eps, threat["norm"], "threat_model['eps']")  # <= 1 for Linf
     return threat
 
 

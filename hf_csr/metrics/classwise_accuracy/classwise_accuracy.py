@@ -55,6 +55,10 @@ Examples:
 """
 
 
+#: Largest class count accepted (per-class counts of that size is allocated).
+MAX_CLASSES = 100_000
+
+
 def check_labels(predictions, references, num_classes=None):
     """Two equal-length int64 arrays of class indices in [0, K), and K (default: largest index + 1)."""
     arrays = [np.asarray(values) for values in (predictions, references)]
@@ -64,6 +68,11 @@ def check_labels(predictions, references, num_classes=None):
         raise ValueError(f"predictions and references differ in length: {arrays[0].size} vs {arrays[1].size}.")
     largest = int(max(a.max() for a in arrays))
     k = largest + 1 if num_classes is None else int(num_classes)
+    if k > MAX_CLASSES:  # checked before per-class counts is allocated
+        raise ValueError(
+            f"{'num_classes' if num_classes is not None else 'the largest class index + 1'} is {k}, above "
+            f"{MAX_CLASSES} classes; a label that large is a corrupted input (pass num_classes to be explicit)."
+        )
     if largest >= k:
         raise ValueError(f"class indices must lie in [0, num_classes) = [0, {k}); found {largest}.")
     return arrays[0].astype(np.int64), arrays[1].astype(np.int64), k
