@@ -233,17 +233,8 @@ def logged_metric_names(attacks, prefixes: List[str], class_names: List[str]) ->
 def preflight(trainer, train_dataset, eval_dataset) -> None:
     """Checks :class:`~hf_csr.CSRTrainer` runs when it is built (see the module docstring)."""
     args, model = trainer.args, trainer.model
-    config = getattr(model, "config", None)
-    channels, size = getattr(config, "num_channels", None), getattr(config, "image_size", None)
-    sets = {"train_dataset": train_dataset}
-    if isinstance(eval_dataset, dict):
-        sets.update({f"eval_dataset[{k!r}]": v for k, v in eval_dataset.items()})
-    else:
-        sets["eval_dataset"] = eval_dataset
-    for name, dataset in sets.items():
-        if dataset is not None:
-            check_dataset_geometry(dataset, name, num_channels=channels if isinstance(channels, int) else None,
-                                   image_size=size if isinstance(size, int) else None)
+    # The images' geometry and the card files in output_dir are checked by the trainer before this
+    # (hf_csr.models.loading.prepare_training_data, hf_csr.hub.cards.check_card_inputs).
     check_attack_list(args.eval_attacks, "eval_attacks", num_classes=trainer.num_classes)
     if args.load_best_model_at_end:
         metric = args.metric_for_best_model or "loss"
@@ -258,18 +249,6 @@ def preflight(trainer, train_dataset, eval_dataset) -> None:
                 f"{args.eval_attacks!r} it logs e.g. {robust[-1] if robust else logged[0]!r} (set greater_is_better=True)."
             )
     check_finite_model(model, "the model to train")
-    card = os.path.join(args.output_dir, "card.json")
-    if args.should_save and os.path.isfile(card):
-        try:
-            with open(card, encoding="utf-8") as handle:
-                saved = json.load(handle)
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(
-                f"{card} (the model card's metadata, rewritten after training) is not valid JSON ({error}); delete "
-                "it or choose another output_dir -- otherwise the run would fail after training."
-            ) from error
-        if not isinstance(saved, dict):
-            raise ValueError(f"{card} must hold a JSON object; got {type(saved).__name__}. Delete it or choose another output_dir.")
 
 
 # --------------------------------------------------------------------------- resume

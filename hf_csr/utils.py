@@ -161,6 +161,21 @@ def _atomic_replace(path: Path, write) -> None:
         raise
 
 
+def read_json_object(path: Union[str, Path]) -> dict:
+    """A JSON file that must hold an object; ``ValueError`` naming the file when it is truncated, corrupted or
+    holds something else (the caller adds what the file is for)."""
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(
+            f"{str(path)!r} is not valid JSON ({error}); the file is truncated or corrupted: delete or regenerate it."
+        ) from error
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object; got a {type(value).__name__}. Delete or regenerate it.")
+    return value
+
+
 def atomic_write_bytes(path: Union[str, Path], data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file and ``os.replace``: never a half-written file."""
     _atomic_replace(Path(path), lambda handle: handle.write(data))

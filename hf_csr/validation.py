@@ -155,9 +155,12 @@ def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = N
     return configs
 
 
-def check_dataset_geometry(dataset: Any, name: str, *, num_channels: Optional[int], image_size: Optional[int]) -> None:
-    """The images of ``dataset`` have the model's channel count and size (checked on the shape, no data read)."""
-    shape = getattr(dataset, "image_shape", None)
+def check_dataset_geometry(dataset: Any, name: str, *, num_channels: Optional[int], image_size: Optional[int],
+                           shape: Optional[Tuple[int, ...]] = None) -> None:
+    """The images of ``dataset`` (or of the given ``shape``, (C, H, W)) have the model's channel count and size
+    (checked on the shape, no data read)."""
+    if shape is None:
+        shape = getattr(dataset, "image_shape", None)
     if shape is None:
         real = getattr(dataset, "real", None)
         shape = getattr(real, "image_shape", None)
@@ -167,13 +170,14 @@ def check_dataset_geometry(dataset: Any, name: str, *, num_channels: Optional[in
     if num_channels is not None and channels != num_channels:
         raise ValueError(
             f"{name} has {channels}-channel images but the model expects num_channels = {num_channels}; "
-            "convert the images (grayscale / RGB) or use a matching model."
+            "convert the images (grayscale / RGB) or build the model from the data "
+            "(create_robust_classifier(..., dataset=train_dataset))."
         )
     if image_size is not None and (height, width) != (image_size, image_size):
         raise ValueError(
             f"{name} has {height}x{width} images but the model was built for image_size = {image_size}; resize the "
-            "images or build the model for this size (a convolutional network would otherwise train silently on "
-            "the wrong geometry)."
+            "images or build the model from the data (create_robust_classifier(..., dataset=train_dataset)): a "
+            "convolutional network would otherwise train silently on the wrong geometry."
         )
 
 

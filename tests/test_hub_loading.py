@@ -267,11 +267,11 @@ def test_create_robust_classifier_from_the_data_and_mismatches_caught_at_constru
     with pytest.raises(ValueError, match="num_channels = 3 but the dataset's images have 1"):
         create_robust_classifier("preact_resnet18", dataset=data, num_channels=3)
     wrong = create_robust_classifier("preact_resnet18", num_classes=10, width=4, num_blocks=(1, 1, 1, 1))  # 3x32x32
-    with pytest.raises(ValueError, match="1-channel images but the model takes 3"):
+    with pytest.raises(ValueError, match="1-channel images but the model expects num_channels = 3"):
         CSRTrainer(model=wrong, args=make_args(tmp_path), train_dataset=data)
     wrong_size = create_robust_classifier("preact_resnet18", num_classes=10, num_channels=1, image_size=32, width=4,
                                           num_blocks=(1, 1, 1, 1))
-    with pytest.raises(ValueError, match="28 x 28 images but the model was built for 32 x 32"):
+    with pytest.raises(ValueError, match="28x28 images but the model was built for image_size = 32"):
         CSRTrainer(model=wrong_size, args=make_args(tmp_path), eval_dataset=data, train_dataset=data)
 
 

@@ -253,7 +253,7 @@ ROUND2 = [
     ("4 files", "confusion metric with a huge class count", lambda t: robust_confusion([0, 1], [1, 0], num_classes=10**6),
      r"num_classes is 1000000, above 10000"),
     ("4 files", "csr_state.pt is a list", lambda t: resume(t, damaged(t, t.checkpoint, write_csr_state([1, 2, 3]))),
-     r"csr_state.pt is not a CSRTrainer state: expected a dict with a 'confusion' dict, got list"),
+     r"csr_state.pt is not a CSRTrainer state: expected a dict with a 'fairness' dict .* got list"),
     ("4 files", "csr_state.pt with wrong shapes", lambda t: resume(t, damaged(t, t.checkpoint, write_csr_state(
         {"confusion": {"counts": torch.zeros(2), "class_counts": torch.zeros(5)}}))),
      r"cannot resume from .*csr_state.pt: confusion-estimator state has shapes \(2,\) / \(5,\); expected \(3, 3\)"),
@@ -288,7 +288,7 @@ ROUND2 = [
         metric_for_best_model="pgd20_worst_class_accuracy", greater_is_better=True), r"'pgd20_worst_class_accuracy'.*never is"),
     ("5 before", "malformed card.json in output_dir", lambda t: (
         (t / "out").mkdir(), (t / "out" / "card.json").write_text('{"training": '), trainer(t)),
-     r"out/card.json \(the model card's metadata, rewritten after training\) is not valid JSON"),
+     r"out/card.json' is not valid JSON .*truncated or corrupted: delete or regenerate it"),
     ("5 before", "a model with NaN weights to train", lambda t: trainer(t, model=tiny_model().apply(
         lambda m: [p.data.fill_(float("nan")) for p in m.parameters(recurse=False)])),
      r"the model to train has non-finite \(NaN or inf\) weights"),
@@ -380,7 +380,7 @@ def test_resume_with_a_changed_ema_momentum_warns_and_uses_the_new_value(tmp_pat
         t._load_from_checkpoint(str(checkpoint))
     assert "csr_ema_momentum: 0.99 in the checkpoint, 0.5 now" in caplog.text
     assert "NOT an exact continuation" in caplog.text
-    assert t.confusion.momentum == 0.5  # not silently replaced by the checkpoint's 0.99
+    assert t.fairness.confusion.momentum == 0.5  # not silently replaced by the checkpoint's 0.99
     assert t.resume_warnings == ["csr_ema_momentum changed"]
 
 

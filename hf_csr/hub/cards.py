@@ -24,7 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, read_json_object
 from .checkpoints import DATASETS
 
 #: Datasets a card can name: display name and Hub dataset id (``hf-csr card --dataset``).
@@ -431,7 +431,7 @@ def render_directory_card(
     if results is None and (output_dir / "results.json").is_file():
         results = read_results(output_dir / "results.json")
     if kwargs.get("config") is None and (output_dir / "config.json").is_file():
-        kwargs["config"] = _read_json(output_dir / "config.json")
+        kwargs["config"] = read_json_object(output_dir / "config.json")
     if plots is None:
         from .push import regular_files
 
@@ -447,19 +447,9 @@ def _uses_csr(training: Optional[Mapping[str, Any]]) -> bool:
         return False
 
 
-def _read_json(path: Path) -> Dict[str, Any]:
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); the file is truncated or corrupted.") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object; got a {type(value).__name__}. Delete or regenerate it.")
-    return value
-
-
 def read_card_metadata(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """``card.json``: checked key by key, so a malformed file is a ``ValueError`` naming the file and the key."""
-    saved = _read_json(Path(path))
+    saved = read_json_object(Path(path))
     for key, value in saved.items():
         if key not in CARD_METADATA_KEYS:
             raise ValueError(f"{str(path)!r}: unknown key {key!r} (known: {list(CARD_METADATA_KEYS)}); fix or delete the file.")
@@ -485,7 +475,7 @@ def check_card_inputs(directory: Union[str, os.PathLike]) -> None:
 def read_results(path: Union[str, os.PathLike]) -> Dict[str, Any]:
     """``results.json``, checked for the shape a card needs (``ValueError`` naming the file and the entry)."""
     path = Path(path)
-    results = _read_json(path)
+    results = read_json_object(path)
     try:
         names = results.get("class_names")
         if names is not None and not isinstance(names, list):

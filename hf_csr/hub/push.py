@@ -15,7 +15,7 @@ from huggingface_hub.utils import httpx, validate_repo_id
 from safetensors import SafetensorError, safe_open
 
 from ..models.modeling_robust import RobustClassifierConfig
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, read_json_object
 from .cards import CARD_METADATA, render_directory_card
 
 __all__ = ["PUSH_PATTERNS", "HubPushError", "check_checkpoint_dir", "push_checkpoint", "regular_files",
@@ -72,16 +72,6 @@ class HubPushError(RuntimeError):
     """A push to the Hub failed; the local checkpoint directory is unchanged and the push can be retried."""
 
 
-def _read_json(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({error}); the file is truncated or corrupted.") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object; got {type(value).__name__}.")
-    return value
-
-
 def check_checkpoint_dir(local_dir: Union[str, os.PathLike]) -> List[Path]:
     """Check that ``local_dir`` is a loadable hf_csr checkpoint; return the files a push would upload.
 
@@ -95,7 +85,7 @@ def check_checkpoint_dir(local_dir: Union[str, os.PathLike]) -> List[Path]:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{str(directory)!r} has no config.json; save the model with save_pretrained first.")
-    config = _read_json(config_path)
+    config = read_json_object(config_path)
     if config.get("model_type") != RobustClassifierConfig.model_type:
         raise ValueError(
             f"{str(config_path)!r} describes a {config.get('model_type')!r} model, not a "

@@ -558,13 +558,6 @@ def _check_geometry(model, dataset, name: str) -> None:
         shape = tuple(torch.as_tensor(first["pixel_values"]).shape)
     if len(shape) != 3:
         raise ValueError(f"{name}: images must be (C, H, W); got shape {tuple(shape)}.")
-    if channels is not None and shape[0] != channels:
-        raise ValueError(
-            f"{name} has {shape[0]}-channel images but the model takes {channels}; build the model from the data "
-            "(create_robust_classifier(..., dataset=train_dataset)) or convert the images."
-        )
-    if size is not None and tuple(shape[1:]) != (size, size):
-        raise ValueError(
-            f"{name} has {shape[1]} x {shape[2]} images but the model was built for {size} x {size}; build it from "
-            "the data (create_robust_classifier(..., dataset=train_dataset)) or resize the images."
-        )
+    from ..validation import check_dataset_geometry
+
+    check_dataset_geometry(dataset, name, num_channels=channels, image_size=size, shape=tuple(shape))
