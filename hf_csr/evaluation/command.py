@@ -166,10 +166,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir
-    from ..validation import check_budget
+    from ..validation import check_attack_list, check_budget
     from .robustness import evaluate_robustness
     from .sharding import Shards
-    from .specs import parse_attacks
 
     distributed = _launched_processes() > 1
     default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -203,13 +202,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
-    attacks = parse_attacks(args.attacks, args.autoattack_version)
+    attacks = check_attack_list(args.attacks, "--attacks", autoattack_version=args.autoattack_version)  # bounded steps
     eps = None if args.eps is None else _check_eps(args.eps, args.norm)
     device = torch.device(args.device) if args.device else default_device
     model = _load_model(args, device)
     norm, eps = _threat_model(model, args.norm, eps)
     check_budget(eps, norm, "--eps")  # --eps without --norm: the norm came from the model (hf_csr.validation)
     config = getattr(model, "config", None)
+    # AutoAttack components the class count cannot run (APGD-T needs 4 classes) fail now, not after the clean pass
+    check_attack_list(args.attacks, "--attacks", num_classes=getattr(config, "num_labels", None),
+                      autoattack_version=args.autoattack_version)
     id2label = getattr(config, "id2label", None) or {}
     model_names = [id2label[i] for i in sorted(id2label)] or None
 

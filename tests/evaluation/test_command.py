@@ -161,3 +161,26 @@ def test_command_writes_the_card_and_refreshes_it_keeping_the_training_set_up(fm
     assert main(base + ["--attacks", "clean", "--output-dir", str(bare), "--no-card"]) == 0
     assert not (bare / "README.md").exists()
     capsys.readouterr()
+
+
+def test_autoattack_on_too_few_classes_is_refused_before_the_clean_pass(tmp_path, capsys, monkeypatch):
+    """APGD-T needs 4 classes: a 3-class model is refused when its config is read, before any attack runs."""
+    from hf_csr import create_robust_classifier
+    from hf_csr.evaluation import robustness
+
+    model_dir = tmp_path / "three"
+    create_robust_classifier("preact_resnet18", class_names=["a", "b", "c"], num_channels=1, image_size=28,
+                             width=4, num_blocks=(1, 1, 1, 1)).save_pretrained(model_dir)
+
+    def no_evaluation(*args, **kwargs):
+        raise AssertionError("the evaluation started")
+
+    monkeypatch.setattr(robustness, "evaluate_robustness", no_evaluation)
+    out = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(model_dir), "--dataset", "fashion_mnist", "--limit", "20",
+            "--attacks", "clean,autoattack", "--output-dir", str(out), "--no-progress"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert "apgd-t needs at least 4 classes and the model has 3" in capsys.readouterr().err
+    assert not (out / "results.json").exists()
