@@ -354,7 +354,7 @@ def _run_workers(tmp_path, processes, batch, method):
            str(REPO / "tests" / "ddp_fairness_worker.py"), "--out", str(out), "--per-device-batch", str(batch),
            "--method", method]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
 
