@@ -71,7 +71,7 @@ def complete_checkpoints(output_dir: Path):
 def final_state(output_dir: Path):
     weights = load_file(output_dir / "model.safetensors")
     state = torch.load(output_dir / f"checkpoint-{MAX_STEPS}" / CSR_STATE_NAME, weights_only=True)
-    return weights, state["confusion"]
+    return weights, state["fairness"]["state"]["confusion"]  # CSR is a fairness plug-in: its state sits under "fairness"
 
 
 def assert_identical(reference, resumed):
