@@ -208,6 +208,24 @@ def test_cfa_loss_and_budgets_in_the_trainer_follow_train_py(tmp_path, epoch):
         assert cfa.attack_step_size(y, eps) == pytest.approx(2 / 255)  # fixed step whatever eps_c
 
 
+def test_the_trainer_attacks_with_the_methods_budget_and_step(tmp_path, monkeypatch):
+    """CFA's calibrated budgets reach the training attack with the fixed step (the attack_step_size hook)."""
+    trainer = make_trainer(tmp_path, base_loss="trades", fairness_method="cfa", cfa_begin=0, cfa_fawa=False)
+    cfa = trainer.fairness
+    cfa.train_accuracy = torch.linspace(0.1, 0.9, 10, dtype=torch.float64)
+    seen = {}
+    attack = trainer._attack
+
+    def spy(model, x, y, **settings):
+        seen.update(settings)
+        return attack(model, x, y, **settings)
+
+    monkeypatch.setattr(trainer, "_attack", spy)
+    _, _, _, y = _trainer_loss(trainer)
+    assert seen["step_size"] == pytest.approx(2 / 255)
+    assert torch.allclose(seen["eps"].double(), ((0.5 + cfa.train_accuracy) * 8 / 255)[y], rtol=1e-6)
+
+
 def test_cfa_fawa_in_the_trainer_follows_train_py(tmp_path, monkeypatch):
     trainer = make_trainer(tmp_path, limit=40, base_loss="trades", fairness_method="cfa", fairness_val_size=20)
     cfa = trainer.fairness
@@ -354,7 +372,7 @@ def _run_workers(tmp_path, processes, batch, method):
            str(REPO / "tests" / "ddp_fairness_worker.py"), "--out", str(out), "--per-device-batch", str(batch),
            "--method", method]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
     return torch.load(out, weights_only=True)
 

@@ -338,7 +338,11 @@ def test_two_processes_equal_one_process_for_methods_with_class_statistics(tmp_p
     one = run_workers(tmp_path, 1, 32, extra)
     two = run_workers(tmp_path, 2, 16, extra)
     for key in [k for k in one if k.startswith("method/") or k == "confusion"]:
-        assert torch.equal(one.pop(key), two.pop(key)), key  # statistics identical, not merely close
+        a, b = one.pop(key), two.pop(key)
+        if key == "method/cumulative_costs":  # WAT: validation losses of weights that agree to float precision
+            assert torch.allclose(a, b, rtol=1e-5, atol=1e-7), key
+        else:
+            assert torch.equal(a, b), key  # statistics identical, not merely close
     assert_same_weights(one, two, atol=1e-5)
 
 
