@@ -1,6 +1,6 @@
 """(b) hf_csr TRADES+CSR per epoch against the released code's computation pattern, same settings.
 
-The released pattern is written out here from METHOD.md's description of the authors' code (it is
+The released pattern is written out here from docs/method.md's description of the authors' code (it is
 not their code): per training step
 
 * the TRADES attack (10 steps, model in eval mode, start x + 0.001 N(0, I)) evaluates the *clean*

@@ -1,4 +1,4 @@
-"""Projected gradient descent attacks (``METHOD.md`` section 6).
+"""Projected gradient descent attacks (``docs/method.md`` section 6).
 
 ``pgd_attack`` covers the training and evaluation attacks of the paper: Linf and L2 threat models;
 cross-entropy (PGD-AT, PGD-20), TRADES KL and CW-margin (CW-20) losses; a uniform start in the

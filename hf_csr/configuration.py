@@ -49,7 +49,7 @@ def _choice(default, choices, help_text):
 
 @dataclass
 class CSRTrainingArguments(TrainingArguments):
-    """Arguments for :class:`hf_csr.CSRTrainer` (defaults: the paper's, METHOD.md sections 5, 6 and 8).
+    """Arguments for :class:`hf_csr.CSRTrainer` (defaults: the paper's, docs/method.md sections 5, 6 and 8).
 
     Besides the CSR fields below, the paper's optimiser is the default: SGD with momentum 0.9
     (``optim="sgd"``, ``optim_args="momentum=0.9"``), weight decay 5e-4 on all parameters, batch 128.

@@ -1,6 +1,6 @@
 """Confusional Spectral Regularization (CSR) in pure torch.
 
-This module implements sections 1-4 of ``METHOD.md``:
+This module implements sections 1-4 of ``docs/method.md``:
 
 * :func:`confusion_counts` / :func:`normalize_confusion` -- the robust confusion estimate ``C``
   (rows: the class an example is confused with, columns: its true class) for the ``paper`` and
@@ -340,7 +340,7 @@ ReduceFn = Callable[[torch.Tensor], torch.Tensor]
 class ConfusionEstimator:
     """A running estimate of the robust confusion matrix ``C`` and its spectral weights ``W``.
 
-    Sources (``METHOD.md`` section 2):
+    Sources (``docs/method.md`` section 2):
 
     * ``ema``: every training step's counts (numerators and ``m_j`` separately) are folded into
       exponential moving averages ``S_t = mu S_{t-1} + (1 - mu) S_batch``; ``C = S_counts / S_m``.

@@ -36,7 +36,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "FAAL_AT": dict(base_loss="pgd", fairness_method="faal"),
     "CFA_TRADES": dict(base_loss="trades", fairness_method="cfa"),
     "WAT_TRADES": dict(base_loss="trades", fairness_method="wat"),
-    # CSR in both variants of METHOD.md: `reference` (the released code: CE scaled by 1 - alpha) and `paper`
+    # CSR in both variants of docs/method.md: `reference` (the released code: CE scaled by 1 - alpha) and `paper`
     # (J = L + alpha * Psi); the names without a variant are the reference variant.
     "CSR gamma=0.0 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="reference", csr_alpha=0.3,
                                    csr_gamma=0.0),

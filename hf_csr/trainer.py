@@ -3,7 +3,7 @@ transformers Trainer.
 
 The Trainer does what it always does -- data loading and sharding, the optimiser, schedules, gradient
 accumulation, mixed precision, DDP, logging integrations, checkpoints. This class only adds, per step
-(METHOD.md section 5):
+(docs/method.md section 5):
 
 1. a PGD attack on the *unwrapped* model (never through the DDP wrapper), its random start drawn for
    the whole global batch so that results do not depend on how the batch is split across processes;

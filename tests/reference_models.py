@@ -1,4 +1,4 @@
-"""Independent functional re-implementations of the published network layouts (METHOD.md section 9).
+"""Independent functional re-implementations of the published network layouts (docs/method.md section 9).
 
 Plain functional ops and the published key names, no hf_csr code: the converted hf_csr models are checked
 against these. ``*_state_dict`` build random checkpoints in the original formats (with the wrapper prefix).

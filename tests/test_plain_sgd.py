@@ -1,4 +1,4 @@
-"""No silent gradient clipping: a training step is plain SGD, as in every original (METHOD.md section 8)."""
+"""No silent gradient clipping: a training step is plain SGD, as in every original (docs/method.md section 8)."""
 
 import pytest
 import torch

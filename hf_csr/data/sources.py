@@ -4,7 +4,7 @@
 
 * ``fashion_mnist``: the embedded default (Debian package ``dataset-fashion-mnist``);
 * a local ``.npz`` file with an ``image`` array (N, H, W, C) or (N, H, W) of uint8 and a ``label``
-  array (N,), the layout of the DDPM-generated data of ``METHOD.md`` section 9;
+  array (N,), the layout of the DDPM-generated data of ``docs/method.md`` section 9;
 * anything ``datasets`` loads: a Hub id (``uoft-cs/cifar10``, ``zh-plus/tiny-imagenet``), a local folder
   (imagefolder, parquet files, or a ``Dataset.save_to_disk`` folder) or a local ``.parquet`` file.
   The image column is the first ``Image`` feature (else one named ``image``/``img``), the label column

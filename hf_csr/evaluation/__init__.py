@@ -1,4 +1,4 @@
-"""Robust evaluation, class by class (``METHOD.md`` sections 6 and 7).
+"""Robust evaluation, class by class (``docs/method.md`` sections 6 and 7).
 
 * :func:`evaluate_robustness` -- clean, PGD-20, CW-20 and AutoAttack accuracy of any classifier taking
   [0, 1] images, with per-class accuracy, the worst class, the robust confusion matrix of eq. (1) and

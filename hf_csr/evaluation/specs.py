@@ -1,4 +1,4 @@
-"""The evaluation attacks (``METHOD.md`` section 6): their names, their settings and how to parse them.
+"""The evaluation attacks (``docs/method.md`` section 6): their names, their settings and how to parse them.
 
 An attack is named by a string:
 

@@ -1,6 +1,6 @@
 """CSR -- Confusional Spectral Regularization, as a fairness method (``fairness_method="csr"``).
 
-Per training step (METHOD.md sections 1-5): the adversarial logits' confusion counts are summed
+Per training step (docs/method.md sections 1-5): the adversarial logits' confusion counts are summed
 across processes and folded into the estimate ``C`` (:class:`~hf_csr.regularizer.ConfusionEstimator`;
 source ``ema`` or ``batch``), and ``alpha * Psi`` with the spectral weights ``W = u v^T`` of ``C`` is
 added to the loss (``reference``: the CE part of the base loss is scaled by ``1 - alpha``).
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class CSRConfig(FairnessConfig):
-    """CSR's settings (METHOD.md sections 1-5, paper defaults)."""
+    """CSR's settings (docs/method.md sections 1-5, paper defaults)."""
 
     alpha: float = field(default=0.3, metadata={"help": "CSR: weight alpha of the penalty Psi (0 = the base method; paper 0.3)."})
     gamma: float = field(

@@ -1,4 +1,4 @@
-"""WideResNets in the two layouts of the published robust checkpoints (``METHOD.md`` section 9).
+"""WideResNets in the two layouts of the published robust checkpoints (``docs/method.md`` section 9).
 
 * ``ddpm`` -- the DDPM-data models of Wang et al. (2023) / Gowal et al. (2020): SiLU, TF-style
   "SAME" padding for the first convolution of every block (``F.pad(1, 1, 1, 1)`` at stride 1,
