@@ -265,7 +265,7 @@ def test_backbone_without_timm_metadata_saves_as_before(tmp_path):
     model = fmnist_model("test_tiny_convnet")  # a plain nn.Module registered by hand: no pretrained_cfg
     model.save_pretrained(tmp_path)
     assert "architecture" not in json.loads((tmp_path / "config.json").read_text())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
 
 
 def test_save_pretrained_merges_timm_keys_without_breaking_transformers(tmp_path):

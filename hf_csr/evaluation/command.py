@@ -166,7 +166,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir
-    from ..validation import check_attack_list, check_budget
+    from ..validation import check_attack_list, check_budget, check_finite_model
     from .robustness import evaluate_robustness
     from .sharding import Shards
 
@@ -209,9 +209,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     norm, eps = _threat_model(model, args.norm, eps)
     check_budget(eps, norm, "--eps")  # --eps without --norm: the norm came from the model (hf_csr.validation)
     config = getattr(model, "config", None)
-    # AutoAttack components the class count cannot run (APGD-T needs 4 classes) fail now, not after the clean pass
-    check_attack_list(args.attacks, "--attacks", num_classes=getattr(config, "num_labels", None),
-                      autoattack_version=args.autoattack_version)
+    check_finite_model(model)  # a diverged (NaN) checkpoint is refused, not reported as robust
     id2label = getattr(config, "id2label", None) or {}
     model_names = [id2label[i] for i in sorted(id2label)] or None
 
@@ -230,6 +228,9 @@ def run_evaluate(args: argparse.Namespace) -> int:
         train_limit = args.limit if args.train_limit is None else args.train_limit
         sets["train"] = (args.train_dataset, args.train_split, train_limit)
     loaded = {part: load(*source) for part, source in sets.items()}
+    # AutoAttack components the class count cannot run (APGD-T needs 4 classes) fail now, not after the clean pass
+    check_attack_list(args.attacks, "--attacks", num_classes=getattr(config, "num_labels", None),
+                      autoattack_version=args.autoattack_version)
     # Per-attack, per-batch progress: an interrupted run (pre-emption, kill) resumes where it stopped when
     # the same command is run again; finished batches are reloaded, not recomputed.
     if getattr(args, "no_resume", False):
