@@ -3,9 +3,11 @@
 import torch
 from timm.models import register_model
 from torch import nn
+from transformers import TrainerCallback
 
 import hf_csr  # noqa: F401
 from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from hf_csr.experiment import parse_args
 from hf_csr.models import create_robust_classifier
 
 
@@ -40,3 +42,24 @@ def fmnist_model(backbone="preact_resnet18", **kwargs):
 
 def fmnist(split="train", limit=64, seed=0):
     return load_fashion_mnist(split, limit=limit, seed=seed)
+
+
+class StopAt(TrainerCallback):
+    """Stop training after optimizer step ``step`` (a run "killed" at a step boundary, in-process)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True
+
+
+def parse_recipe(tmp, *flags, config=None):
+    """The recipes' ``parse_args`` on ``flags`` (and a YAML ``config`` text), output under ``tmp``."""
+    argv = ["--output_dir", str(tmp / "run"), *flags]
+    if config is not None:
+        path = tmp / "config.yaml"
+        path.write_text(config)
+        argv = ["--config", str(path), *argv]
+    return parse_args(argv)

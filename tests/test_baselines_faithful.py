@@ -173,7 +173,11 @@ def _orig_solve_weight(y, class_margin, r):
     result = minimize(objective, pemp.copy(), method="SLSQP", bounds=[(1e-12, 1.0)] * n,
                       constraints=[{"type": "eq", "fun": lambda p: p.sum() - 1.0}, {"type": "ineq", "fun": kl_slack}],
                       options={"ftol": 1e-14, "maxiter": 1000})
-    assert result.success, result.message
+    # SLSQP may stop with status 8 ("positive directional derivative for linesearch") at the optimum when the
+    # tolerance is below what the floating-point sums allow (it depends on the BLAS threads); a feasible
+    # point is what the comparison below needs: ours must reach at least its objective, and match it.
+    feasible = abs(result.x.sum() - 1.0) < 1e-9 and kl_slack(result.x) > -1e-9
+    assert (result.success or result.status == 8) and feasible, result.message
     return torch.from_numpy(result.x)
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import TrainerCallback
 
 from hf_csr.data import MixedBatchOrderSampler, MixedImageDataset
 
+from .helpers import StopAt
 from .mixing_worker import make_trainer, mixed_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -117,13 +117,6 @@ def test_options_and_errors():
 
 
 # --------------------------------------------------------------------------- through the Trainer
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 def global_batches(seen):

@@ -15,11 +15,11 @@ from hf_csr import ConfusionEstimator, CSRTrainer, CSRTrainingArguments, csr_pen
 from hf_csr.cli import main as cli_main
 from hf_csr.data import TensorImageDataset, load_image_dataset
 from hf_csr.evaluation import evaluate_robustness
-from hf_csr.experiment import parse_args
 from hf_csr.models import create_robust_classifier
 
 from . import helpers  # noqa: F401  (registers test_tiny_convnet in timm)
 from .conftest import ToyNet, toy_data
+from .helpers import parse_recipe
 
 
 def _x(n=6):
@@ -65,13 +65,6 @@ def _npz(tmp, images, labels):
     return load_image_dataset(path)
 
 
-def _recipe(tmp, *flags, config=None):
-    argv = ["--output_dir", str(tmp / "run"), *flags]
-    if config is not None:
-        path = tmp / "config.yaml"
-        path.write_text(config)
-        argv = ["--config", str(path), *argv]
-    return parse_args(argv)
 
 
 def _evaluate_cli(tmp, *flags, model=None):
@@ -166,13 +159,13 @@ BAD_INPUTS = [
     ("args eval attack", lambda t: _args(t, eval_attacks="clean,fgsm"), r"fgsm"),
     ("args eps fraction", lambda t: _args(t, attack_eps="8//255"), r"value must be a number or a fraction like '8/255'"),
     # ---------------------------------------------------------------- recipes: command line and --config YAML
-    ("recipe unknown enum flag", lambda t: _recipe(t, "--base_loss", "mart"),
+    ("recipe unknown enum flag", lambda t: parse_recipe(t, "--base_loss", "mart"),
      r"--base_loss.*: invalid choice: 'mart' \(choose from 'pgd', 'trades'\)"),
-    ("recipe alpha flag", lambda t: _recipe(t, "--csr_alpha", "-1"), r"csr_alpha must be >= 0"),
-    ("recipe unknown config key", lambda t: _recipe(t, config="csr_alfa: 0.3\n"),
+    ("recipe alpha flag", lambda t: parse_recipe(t, "--csr_alpha", "-1"), r"csr_alpha must be >= 0"),
+    ("recipe unknown config key", lambda t: parse_recipe(t, config="csr_alfa: 0.3\n"),
      r"unknown setting\(s\) \['csr_alfa'\].*fields of ExperimentArguments and CSRTrainingArguments"),
-    ("recipe real_fraction", lambda t: _recipe(t, "--real_fraction", "1.5"), r"real_fraction must lie in \(0, 1\); got 1.5"),
-    ("recipe backbone_kwargs JSON", lambda t: _recipe(t, "--backbone_kwargs", "{width: 8}"),
+    ("recipe real_fraction", lambda t: parse_recipe(t, "--real_fraction", "1.5"), r"real_fraction must lie in \(0, 1\); got 1.5"),
+    ("recipe backbone_kwargs JSON", lambda t: parse_recipe(t, "--backbone_kwargs", "{width: 8}"),
      r"backbone_kwargs must be a JSON object like"),
     # ---------------------------------------------------------------- the hf-csr command
     ("cli eps <= 0 before loading the model", lambda t: _evaluate_cli(t, "--eps", "0"),

@@ -29,7 +29,7 @@ from hf_csr import CSRTrainer, CSRTrainingArguments, pgd_attack
 from hf_csr.cli import main as cli_main
 from hf_csr.data import TensorImageDataset, load_image_dataset
 from hf_csr.evaluation import evaluate_robustness
-from hf_csr.experiment import main as recipe_main, parse_args
+from hf_csr.experiment import main as recipe_main
 from hf_csr.metrics.classwise_accuracy.classwise_accuracy import classwise_accuracy
 from hf_csr.metrics.robust_confusion.robust_confusion import robust_confusion
 from hf_csr.models import create_robust_classifier
@@ -38,6 +38,7 @@ from hf_csr.trainer import CSR_STATE_NAME
 
 from . import helpers  # noqa: F401  (registers test_tiny_convnet in timm)
 from .conftest import ToyNet, toy_data
+from .helpers import parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["a", "b", "c"]
@@ -77,13 +78,6 @@ def npz(tmp, images, labels, name="data.npz"):
     return path
 
 
-def recipe(tmp, *flags, config=None):
-    argv = ["--output_dir", str(tmp / "run"), *flags]
-    if config is not None:
-        path = tmp / "config.yaml"
-        path.write_text(config)
-        argv = ["--config", str(path), *argv]
-    return parse_args(argv)
 
 
 def saved_model(tmp, nan=False, threat=None):
@@ -232,15 +226,15 @@ ROUND2 = [
         ["convert", str(t / "none.pt"), str(t / "out"), "--threat-model", "Linf:8"]), r"--threat-model eps = 8 exceeds 1 for Linf"),
     ("3 settings", "evaluate --eps 8 without --norm", lambda t: evaluate_cli(t, "--eps", "8", model=saved_model(t)),
      r"--eps = 8 exceeds 1 for Linf"),
-    ("3 settings", "YAML list for a float", lambda t: recipe(t, config="learning_rate: [0.1, 0.01]\n"),
+    ("3 settings", "YAML list for a float", lambda t: parse_recipe(t, config="learning_rate: [0.1, 0.01]\n"),
      r"learning_rate in .*config.yaml must be of type float or int; got \[0.1, 0.01\] \(list\)"),
-    ("3 settings", "YAML float for an integer", lambda t: recipe(t, config="max_steps: 1.5\n"),
+    ("3 settings", "YAML float for an integer", lambda t: parse_recipe(t, config="max_steps: 1.5\n"),
      r"max_steps in .*config.yaml must be of type int; got 1.5 \(float\)"),
-    ("3 settings", "YAML boolean for an integer", lambda t: recipe(t, config="attack_steps: yes\n"),
+    ("3 settings", "YAML boolean for an integer", lambda t: parse_recipe(t, config="attack_steps: yes\n"),
      r"attack_steps in .*config.yaml must be of type int; got True \(bool\)"),
-    ("3 settings", "YAML mapping for a text setting", lambda t: recipe(t, config="eval_attacks: {clean: 1}\n"),
+    ("3 settings", "YAML mapping for a text setting", lambda t: parse_recipe(t, config="eval_attacks: {clean: 1}\n"),
      r"eval_attacks in .*config.yaml must be of type str"),
-    ("3 settings", "YAML NaN learning rate", lambda t: recipe(t, config="learning_rate: .nan\n"), r"learning_rate must be a finite number"),
+    ("3 settings", "YAML NaN learning rate", lambda t: parse_recipe(t, config="learning_rate: .nan\n"), r"learning_rate must be a finite number"),
     # ------------------------------------------------------------------ 4. files and memory bounds
     ("4 files", "npz with one huge label", lambda t: load_image_dataset(
         npz(t, np.zeros((3, 8, 8), np.uint8), np.array([0, 1, 10**12]))), r"'label' must lie in \[0, 100000\).*\[0, 1000000000000\]"),

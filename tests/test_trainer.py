@@ -9,14 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import TrainerCallback
 
 from hf_csr import CSRTrainer, CSRTrainingArguments
 from hf_csr.attacks import pgd_attack
 from hf_csr.data import TensorImageDataset
 from hf_csr.trainer import CSR_STATE_NAME
 
-from .helpers import fmnist, fmnist_model
+from .helpers import StopAt, fmnist, fmnist_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -118,13 +117,6 @@ def test_one_step_matches_a_hand_written_update(tmp_path, base_loss):
     assert_same_weights(weights(trainer), reference.state_dict(), atol=1e-6)
 
 
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step == self.step:
-            control.should_training_stop = True
 
 
 @pytest.mark.parametrize("source, stop", [("ema", 2), ("epoch", 6), ("epoch", 4), ("batch", 2)])
