@@ -30,7 +30,7 @@ from .configuration import CSRTrainingArguments
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
-from .utils import atomic_write_json
+from .utils import atomic_write_json, launched_processes
 from .validation import check_attack_list
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary",
@@ -353,7 +353,7 @@ def check_launch(training: Optional[CSRTrainingArguments] = None) -> None:
     from the training arguments still has one process (e.g. a multi-process CPU launch without
     ``--use_cpu``, where each process finds no GPU and falls back to a single-process run), every process
     would train alone on the full data and they would collide on the output directory."""
-    launched = max(int(os.environ.get(name, "1") or 1) for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"))
+    launched = launched_processes()
     if training is not None:
         training.device  # noqa: B018  (sets up the distributed state as the Trainer would)
     joined = PartialState().num_processes
@@ -485,8 +485,7 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
 
 def _main(defaults: Optional[Mapping[str, Any]], argv: Sequence[str]) -> int:
     experiment, training = parse_args(argv, defaults)
-    check_launch(training)
-    results = run(experiment, training)
+    results = run(experiment, training)  # run() checks the launch first
     atomic_write_json(os.path.join(training.output_dir, "run_summary.json"),
                       {"experiment": asdict(experiment), "training": results.get("training_summary") or training_summary(training),
                        "results_file": os.path.join(training.output_dir, "results.json"),

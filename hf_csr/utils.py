@@ -161,6 +161,18 @@ def _atomic_replace(path: Path, write) -> None:
         raise
 
 
+def launched_processes() -> int:
+    """How many processes the launcher (``accelerate launch`` / ``torchrun``) started: the largest of
+    ``WORLD_SIZE`` and ``LOCAL_WORLD_SIZE`` (1 for a plain run or an unreadable value)."""
+    counts = []
+    for name in ("WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        try:
+            counts.append(int(os.environ.get(name, "1") or 1))
+        except ValueError:
+            counts.append(1)
+    return max(max(counts), 1)
+
+
 def read_json_object(path: Union[str, Path]) -> dict:
     """A JSON file that must hold an object; ``ValueError`` naming the file when it is truncated, corrupted or
     holds something else (the caller adds what the file is for)."""

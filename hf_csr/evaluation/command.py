@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -153,24 +152,16 @@ def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
     return write_model_card(output_dir, results, config=config_dict, **kwargs)
 
 
-def _launched_processes() -> int:
-    """The number of processes ``accelerate launch`` / ``torchrun`` started (1 for a plain run)."""
-    try:
-        return max(int(os.environ.get("WORLD_SIZE", "1")), 1)
-    except ValueError:
-        return 1
-
-
 def run_evaluate(args: argparse.Namespace) -> int:
     import torch
 
     from ..data import load_image_dataset
-    from ..utils import ensure_writable_dir
+    from ..utils import ensure_writable_dir, launched_processes
     from ..validation import check_attack_list, check_budget, check_finite_model
     from .robustness import evaluate_robustness
     from .sharding import Shards
 
-    distributed = _launched_processes() > 1
+    distributed = launched_processes() > 1
     default_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if distributed:
         from accelerate import PartialState
