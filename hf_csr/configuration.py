@@ -27,7 +27,6 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
-from .evaluation.specs import parse_attacks
 from .utils import parse_pixel_value
 from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list
 

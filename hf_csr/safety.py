@@ -37,7 +37,7 @@ import torch
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from .validation import check_attack_list, check_dataset_geometry, check_finite_model, non_finite_tensors
+from .validation import check_attack_list, check_finite_model, non_finite_tensors
 
 __all__ = [
     "TrainingDivergedError",
