@@ -14,7 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=find_packages(include=["hf_csr", "hf_csr.*"]),
+    packages=find_packages(include=["hf_csr", "hf_csr.*", "hf_csr_paper", "hf_csr_paper.*"]),
     include_package_data=True,
     package_data={"hf_csr": ["metrics/*/*.py", "metrics/*/README.md", "hub/templates/*.md"]},
     # Every requirement is capped below its next major version (for 0.x packages: below 1.0), so that a

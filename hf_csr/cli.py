@@ -17,14 +17,6 @@ __all__ = ["main", "run_reporting_errors"]
 logger = logging.getLogger(__name__)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import format_report, run_demo
-
-    report = run_demo(steps=args.steps, seed=args.seed)
-    sys.stdout.write(format_report(report) + "\n")
-    return 0
-
-
 def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import format_comparison, run_quickstart
 
@@ -38,10 +30,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf-csr", description="Confusional Spectral Regularization tools.")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="the CSR penalty and a PGD attack on Fashion-MNIST images (one minute)")
-    demo.add_argument("--steps", type=int, default=60, help="clean training steps before the attack")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_demo)
     quick = sub.add_parser(
         "quickstart",
         help="PGD-AT vs CSR on Fashion-MNIST on a CPU (a few minutes): trains both, evaluates both, prints the table",

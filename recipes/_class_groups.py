@@ -4,7 +4,7 @@ without and with CSR, test accuracy of three class groups; writes a JSON, a bar 
 import argparse
 from typing import Optional, Sequence
 
-from hf_csr.analysis import run_clean_fairness, save_json_and_plot
+from hf_csr_paper.analysis import run_clean_fairness, save_json_and_plot
 
 
 def main(argv, *, description: str, name: str, groups: Sequence[str], long_tail_ratio: Optional[float]) -> int:

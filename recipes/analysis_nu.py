@@ -11,7 +11,7 @@ import glob
 import json
 import os
 
-from hf_csr.analysis import nu_study, save_json_and_plot
+from hf_csr_paper.analysis import nu_study, save_json_and_plot
 
 
 def main(argv=None):
@@ -20,7 +20,7 @@ def main(argv=None):
     parser.add_argument("--num_classes", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--scheme", choices=["uniform", "dirichlet"], default="uniform",
-                        help="Random matrices: i.i.d. uniform entries or normalised Dirichlet columns (hf_csr.analysis).")
+                        help="Random matrices: i.i.d. uniform entries or normalised Dirichlet columns (hf_csr_paper.analysis).")
     parser.add_argument("--results", default=None, help="Glob of results.json files whose confusion matrices to add.")
     parser.add_argument("--output_dir", default="outputs/analysis")
     args = parser.parse_args(argv)

@@ -1,19 +1,19 @@
 #!/usr/bin/env python
 """Phi'(f_w) of Prop. 3.1 (product of squared layer spectral norms x sum of squared Frobenius/spectral
-ratios x (B + eps)^2 n^2 h ln(nh)) for adversarially trained Fashion-MNIST models (hf_csr.analysis.run_phi).
+ratios x (B + eps)^2 n^2 h ln(nh)) for adversarially trained Fashion-MNIST models (hf_csr_paper.analysis.run_phi).
 
     python recipes/analysis_phi.py --size quick
 """
 
 import argparse
 
-from hf_csr.analysis import run_phi, save_json_and_plot
-from hf_csr.reproduction import METHODS, SIZES
+from hf_csr_paper.analysis import run_phi, save_json_and_plot
+from hf_csr_paper.reproduction import METHODS, SIZES
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--size", choices=sorted(SIZES), default="quick", help="Training budget (hf_csr.reproduction).")
+    parser.add_argument("--size", choices=sorted(SIZES), default="quick", help="Training budget (hf_csr_paper.reproduction).")
     parser.add_argument("--methods", default="PGD-AT,CSR gamma=0.0 (TRADES)", help=f"Comma-separated, from {list(METHODS)}.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/analysis")

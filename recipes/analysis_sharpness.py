@@ -1,15 +1,15 @@
 #!/usr/bin/env python
 """Table 8 on Fashion-MNIST: train - test robust gap, worst test class and the sharpness estimate (largest
 sigma^2 in {0.01, ..., 1} whose 50 Gaussian weight perturbations keep the training-accuracy drop within 5%),
-absolute noise as in the paper and magnitude-relative noise (hf_csr.analysis.run_sharpness).
+absolute noise as in the paper and magnitude-relative noise (hf_csr_paper.analysis.run_sharpness).
 
     python recipes/analysis_sharpness.py --size quick
 """
 
 import argparse
 
-from hf_csr.analysis import run_sharpness, save_json_and_plot
-from hf_csr.reproduction import METHODS, SIZES
+from hf_csr_paper.analysis import run_sharpness, save_json_and_plot
+from hf_csr_paper.reproduction import METHODS, SIZES
 
 
 def main(argv=None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Table 3 on Fashion-MNIST: PGD-AT, TRADES, FRL, FAAL, CFA, WAT and CSR (reference and paper variants,
 gamma 0 and 0.1), same budget, 3 seeds, balanced and long-tailed (ratio 100) training sets, AutoAttack class
-by class; the table goes into REPRODUCTION.md. Logic: hf_csr.reproduction.
+by class; the table goes into REPRODUCTION.md. Logic: hf_csr_paper.reproduction.
 
     python recipes/reproduce_fashion_mnist.py --quick                 # about a minute per run (tiny sizes)
     python recipes/reproduce_fashion_mnist.py                         # default (= --size medium): a few hours on 2 CPU cores
@@ -18,14 +18,14 @@ import shlex
 import sys
 import time
 
-from hf_csr.reproduction import DATASETS, METHODS, SIZES, run_reproduction, write_report
+from hf_csr_paper.reproduction import DATASETS, METHODS, SIZES, run_reproduction, write_report
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="Same as --size quick.")
     parser.add_argument("--size", choices=sorted(SIZES), default="medium",
-                        help="Budget preset (hf_csr.reproduction): quick, medium (the default) or full.")
+                        help="Budget preset (hf_csr_paper.reproduction): quick, medium (the default) or full.")
     parser.add_argument("--output_dir", default=None, help="Where runs go (default outputs/reproduce_fashion_mnist/<size>).")
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"Comma-separated subset of {list(DATASETS)}.")
     parser.add_argument("--methods", default=None, help=f"Comma-separated subset of {list(METHODS)} (default: all).")

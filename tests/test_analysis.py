@@ -1,4 +1,4 @@
-"""The paper's analyses (hf_csr.analysis) on tiny, hand-checkable cases."""
+"""The paper's analyses (hf_csr_paper.analysis) on tiny, hand-checkable cases."""
 
 import math
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from hf_csr.analysis import (
+from hf_csr_paper.analysis import (
     difficulty_groups, group_accuracy, long_tail_counts, long_tail_indices, nu_ratio, nu_study, phi_prime,
     random_confusion_matrices, sharpness_sigma2, shot_groups,
 )

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from hf_csr.reproduction import markdown_table, reading, summarize, write_report
+from hf_csr_paper.reproduction import markdown_table, reading, summarize, write_report
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -28,6 +28,7 @@ import torch
 from ..validation import check_channels_last_images, check_class_indices
 from .core import TensorImageDataset
 from .fashion_mnist import load_fashion_mnist
+from .sampling import stratified_subset
 
 __all__ = ["BUILTIN_DATASETS", "load_image_dataset", "stratified_subset"]
 
@@ -38,24 +39,6 @@ _IMAGE_COLUMNS = ("image", "img", "images", "pixel_values")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
 
-
-def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``size`` random examples, taken round-robin over the classes.
-
-    Every class contributes equally until it runs out, so rare classes are all kept before common
-    ones are thinned: the subset is as balanced as the data allows.
-    """
-    labels = np.asarray(labels)
-    if size <= 0:
-        raise ValueError(f"limit must be a positive number of examples; got {size}.")
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
-    shuffled = labels[perm]
-    by_class = np.argsort(shuffled, kind="stable")
-    first = np.searchsorted(shuffled[by_class], shuffled[by_class], side="left")
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[by_class] = np.arange(len(labels)) - first  # position of each example within its class
-    return np.sort(perm[np.lexsort((shuffled, rank))[:size]])
 
 
 def _names_for(labels: np.ndarray, class_names: Optional[Sequence[str]]) -> list:

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .utils import atomic_write_json
+from hf_csr.utils import atomic_write_json
 
 __all__ = ["METHODS", "DATASETS", "ReproductionSettings", "QUICK", "DEFAULT", "MEDIUM", "FULL", "SIZES", "run_reproduction",
            "summarize", "markdown_table", "write_report"]
@@ -99,7 +99,7 @@ DEFAULT = MEDIUM  # the recipe's default size
 
 def _method_settings(method: str, settings) -> Dict[str, Any]:
     """``METHODS[method]`` plus the run-size settings its fairness method takes (validation size, CSR's source)."""
-    from .fairness.registry import config_flags, get_fairness_method
+    from hf_csr.fairness.registry import config_flags, get_fairness_method
 
     values = dict(METHODS[method])
     flags = set(config_flags(get_fairness_method(values["fairness_method"])).values())
@@ -117,8 +117,8 @@ def _slug(text: str) -> str:
 def load_data(dataset: str, settings: ReproductionSettings, seed: int):
     """(train, test) for ``fashion_mnist`` or ``fashion_mnist_lt`` (the long tail is drawn once, seed 0,
     so every method and seed sees the same long-tailed set)."""
-    from .analysis import long_tail_indices
-    from .data import load_fashion_mnist
+    from hf_csr.data.sampling import long_tail_indices
+    from hf_csr.data import load_fashion_mnist
 
     train = load_fashion_mnist("train", limit=settings.train_examples, seed=0)
     test = load_fashion_mnist("test", limit=settings.eval_examples, seed=0)
@@ -132,10 +132,10 @@ def load_data(dataset: str, settings: ReproductionSettings, seed: int):
 
 def train_method(dataset: str, method: str, seed: int, settings: ReproductionSettings, output_dir):
     """Train ``method`` on ``dataset`` with the budget of ``settings``; returns (trainer, train set, test set)."""
-    from .configuration import CSRTrainingArguments
-    from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .models import create_robust_classifier
-    from .trainer import CSRTrainer
+    from hf_csr.configuration import CSRTrainingArguments
+    from hf_csr.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from hf_csr.models import create_robust_classifier
+    from hf_csr.trainer import CSRTrainer
 
     if method not in METHODS:
         raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}.")
@@ -163,7 +163,7 @@ def robust_attacks(settings: ReproductionSettings):
     """The evaluation attacks of ``settings`` (AutoAttack with the preset's reduced budgets, if any)."""
     import dataclasses
 
-    from .evaluation.specs import AutoAttackConfig, parse_attacks
+    from hf_csr.evaluation.specs import AutoAttackConfig, parse_attacks
 
     attacks = parse_attacks(settings.eval_attacks)[1:]  # without the leading clean
     return [dataclasses.replace(a, n_iter=settings.aa_n_iter or a.n_iter, n_queries=settings.aa_n_queries or a.n_queries)
@@ -172,7 +172,7 @@ def robust_attacks(settings: ReproductionSettings):
 
 def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir: Path) -> Dict[str, Any]:
     """Train and evaluate one (dataset, method, seed); returns the results dict (also written to disk)."""
-    from .evaluation import evaluate_robustness
+    from hf_csr.evaluation import evaluate_robustness
 
     start = time.time()
     trainer, train, test = train_method(dataset, method, seed, settings, run_dir)
@@ -328,7 +328,7 @@ def write_report(output_dir, path="REPRODUCTION.md", *, command: str = "", notes
         text = head + block + rest.split(end, 1)[1]
     else:
         text = existing.rstrip("\n") + "\n\n" + block + "\n"
-    from .utils import atomic_write_text
+    from hf_csr.utils import atomic_write_text
 
     atomic_write_text(path, text)
     return block

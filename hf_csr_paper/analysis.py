@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .utils import as_logits, inputs_prevalidated
+from hf_csr.data.sampling import long_tail_counts, long_tail_indices  # noqa: F401  (re-exported)
+from hf_csr.utils import as_logits, inputs_prevalidated
 
 __all__ = [
-    "long_tail_counts", "long_tail_indices", "shot_groups", "group_accuracy", "difficulty_groups",
+    "shot_groups", "group_accuracy", "difficulty_groups",
     "nu_ratio", "random_confusion_matrices", "nu_study", "layer_matrices", "phi_prime",
     "sharpness_sigma2", "accuracy", "SIGMA2_GRID",
 ]
@@ -39,34 +40,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 SIGMA2_GRID = tuple(round(0.01 * i, 2) for i in range(1, 101))
-
-
-# --------------------------------------------------------------------------- long tail (Table 9)
-def long_tail_counts(n_max: int, num_classes: int, ratio: float = 100.0) -> List[int]:
-    """``n_c = floor(n_max * ratio^(-c / (K - 1)))`` (at least 1): class 0 keeps ``n_max``, the last ``n_max / ratio``."""
-    if ratio < 1:
-        raise ValueError(f"ratio must be >= 1; got {ratio}.")
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
-    return [max(1, int(math.floor(n_max * ratio ** (-c / (num_classes - 1)) + 1e-9))) for c in range(num_classes)]
-
-
-def long_tail_indices(labels: Sequence[int], ratio: float = 100.0, seed: int = 0,
-                      order: Optional[Sequence[int]] = None) -> np.ndarray:
-    """Sorted indices of an exponentially subsampled (long-tailed) subset of ``labels``.
-
-    ``order`` lists the classes from head to tail (default 0, 1, ..., K-1); the head keeps every
-    example of the smallest class count, the tail ``1/ratio`` of it."""
-    labels = np.asarray(labels)
-    classes = np.unique(labels)
-    order = list(classes) if order is None else list(order)
-    if sorted(order) != sorted(classes.tolist()):
-        raise ValueError(f"order must be a permutation of the classes {classes.tolist()}; got {order}.")
-    n_max = min(int((labels == c).sum()) for c in classes)
-    counts = long_tail_counts(n_max, len(classes), ratio)
-    rng = np.random.default_rng(seed)
-    keep = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(order, counts)]
-    return np.sort(np.concatenate(keep))
 
 
 def shot_groups(train_counts: Sequence[int], thresholds: Optional[Tuple[int, int]] = None) -> Dict[str, List[int]]:
@@ -273,7 +246,7 @@ def clean_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
                 seed: int = 0) -> nn.Module:
     """Clean (non-adversarial) SGD training, optionally with the CSR penalty on the *clean* logits
     (Table 7: CSR in clean training; reference variant, EMA confusion estimate). Returns ``model``."""
-    from .regularizer import ConfusionEstimator, csr_penalty
+    from hf_csr.regularizer import ConfusionEstimator, csr_penalty
 
     num_classes = int(labels.max()) + 1
     generator = torch.Generator().manual_seed(seed)
@@ -307,8 +280,8 @@ def clean_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
 
 def small_fashion_mnist_model(width: int = 8, seed: int = 0) -> nn.Module:
     """A small PreAct-ResNet18 (one block per stage) for 1 x 28 x 28 Fashion-MNIST images."""
-    from .data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from .models import create_robust_classifier
+    from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    from hf_csr.models import create_robust_classifier
 
     torch.manual_seed(seed)
     return create_robust_classifier(
@@ -326,7 +299,7 @@ def save_json_and_plot(output_dir, name: str, data: Dict[str, object], plot) -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .utils import atomic_write_json
+    from hf_csr.utils import atomic_write_json
 
     os.makedirs(output_dir, exist_ok=True)
     json_path, png_path = os.path.join(output_dir, f"{name}.json"), os.path.join(output_dir, f"{name}.png")
@@ -341,7 +314,7 @@ def save_json_and_plot(output_dir, name: str, data: Dict[str, object], plot) -> 
 
 # --------------------------------------------------------------------------- the recipes' runs
 def _fashion_mnist_tensors(train_examples: int, test_examples: int, long_tail_ratio: Optional[float] = None):
-    from .data import load_fashion_mnist
+    from hf_csr.data import load_fashion_mnist
 
     train = load_fashion_mnist("train", limit=train_examples, seed=0)
     if long_tail_ratio:
@@ -379,8 +352,8 @@ def run_sharpness(output_dir, *, methods: Sequence[str] = ("PGD-AT", "TRADES", "
                   scales: Sequence[str] = ("absolute", "magnitude")) -> Dict[str, object]:
     """Table 8 on Fashion-MNIST: per method, the train - test PGD-20 accuracy gap, the worst test class
     under PGD-20 and the sharpness estimate (on ``examples`` training images)."""
-    from .evaluation import evaluate_robustness
-    from .reproduction import QUICK, train_method
+    from hf_csr.evaluation import evaluate_robustness
+    from hf_csr_paper.reproduction import QUICK, train_method
 
     settings = settings or QUICK
     out: Dict[str, object] = {"settings": settings.name, "seed": seed, "examples": examples, "methods": {}}
@@ -403,7 +376,7 @@ def run_sharpness(output_dir, *, methods: Sequence[str] = ("PGD-AT", "TRADES", "
 def run_phi(output_dir, *, methods: Sequence[str] = ("PGD-AT", "CSR gamma=0.0 (TRADES)"), settings=None, seed: int = 0):
     """Phi'(f_w) of Prop. 3.1 for adversarially trained Fashion-MNIST models (B = 28, the largest l2 norm of
     a 28 x 28 image in [0, 1]; eps = the l2 radius of the Linf ball, eps_inf * 28)."""
-    from .reproduction import QUICK, train_method
+    from hf_csr_paper.reproduction import QUICK, train_method
 
     settings = settings or QUICK
     out: Dict[str, object] = {"settings": settings.name, "seed": seed, "methods": {}}

@@ -1,0 +1,56 @@
+"""Subsets of labelled data: class-stratified subsets and long-tailed subsets (exponential subsampling)."""
+
+from __future__ import annotations
+
+import math
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+__all__ = ["stratified_subset", "long_tail_counts", "long_tail_indices"]
+
+
+def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+    """Sorted indices of ``size`` random examples, taken round-robin over the classes.
+
+    Every class contributes equally until it runs out, so rare classes are all kept before common
+    ones are thinned: the subset is as balanced as the data allows.
+    """
+    labels = np.asarray(labels)
+    if size <= 0:
+        raise ValueError(f"limit must be a positive number of examples; got {size}.")
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(labels))
+    shuffled = labels[perm]
+    by_class = np.argsort(shuffled, kind="stable")
+    first = np.searchsorted(shuffled[by_class], shuffled[by_class], side="left")
+    rank = np.empty(len(labels), dtype=np.int64)
+    rank[by_class] = np.arange(len(labels)) - first  # position of each example within its class
+    return np.sort(perm[np.lexsort((shuffled, rank))[:size]])
+
+
+def long_tail_counts(n_max: int, num_classes: int, ratio: float = 100.0) -> List[int]:
+    """``n_c = floor(n_max * ratio^(-c / (K - 1)))`` (at least 1): class 0 keeps ``n_max``, the last ``n_max / ratio``."""
+    if ratio < 1:
+        raise ValueError(f"ratio must be >= 1; got {ratio}.")
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2; got {num_classes}.")
+    return [max(1, int(math.floor(n_max * ratio ** (-c / (num_classes - 1)) + 1e-9))) for c in range(num_classes)]
+
+
+def long_tail_indices(labels: Sequence[int], ratio: float = 100.0, seed: int = 0,
+                      order: Optional[Sequence[int]] = None) -> np.ndarray:
+    """Sorted indices of an exponentially subsampled (long-tailed) subset of ``labels``.
+
+    ``order`` lists the classes from head to tail (default 0, 1, ..., K-1); the head keeps every
+    example of the smallest class count, the tail ``1/ratio`` of it."""
+    labels = np.asarray(labels)
+    classes = np.unique(labels)
+    order = list(classes) if order is None else list(order)
+    if sorted(order) != sorted(classes.tolist()):
+        raise ValueError(f"order must be a permutation of the classes {classes.tolist()}; got {order}.")
+    n_max = min(int((labels == c).sum()) for c in classes)
+    counts = long_tail_counts(n_max, len(classes), ratio)
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:n] for c, n in zip(order, counts)]
+    return np.sort(np.concatenate(keep))
