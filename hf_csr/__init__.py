@@ -1,41 +1,53 @@
 """hf_csr: Confusional Spectral Regularization for adversarially trained image classifiers.
 
-``import hf_csr`` registers the robust backbones in timm's registry and ``RobustImageClassifier``
-with transformers' ``AutoConfig`` / ``AutoModelForImageClassification``.
+``import hf_csr`` registers the robust backbones in timm's registry and ``RobustImageClassifier`` with
+transformers' ``AutoConfig`` / ``AutoModelForImageClassification`` / ``AutoImageProcessor``. Everything
+else is imported on first use (:mod:`hf_csr.lazy`): ``from hf_csr import CSRTrainer`` loads the Trainer,
+``hf_csr.evaluation`` the evaluation (and with it datasets, evaluate, AutoAttack, matplotlib).
+
+The one exception is the ``hf-csr`` command (the ``hf-csr`` script or ``python -m hf_csr.<module>``): its
+code imports the models itself where a command needs them, so the registration waits for that, and
+``hf-csr --help`` loads no torch at all.
 """
 
-from .attacks import attack_mode, pgd_attack
-from .models import RobustClassifierConfig, RobustImageClassifier, create_robust_classifier
-from .models.loading import PixelSpaceClassifier, load_robust_model
-from .configuration import CSRTrainingArguments
-from .regularizer import (
-    ConfusionEstimator,
-    confusion_counts,
-    csr_penalty,
-    normalize_confusion,
-    spectral_weights,
-    top_singular_pair,
-)
-from .trainer import CSRTrainer
-from .utils import parse_pixel_value
+import os as _os
+import sys as _sys
+
+from .lazy import lazy_exports as _lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CSRTrainer",
-    "CSRTrainingArguments",
-    "ConfusionEstimator",
-    "PixelSpaceClassifier",
-    "RobustClassifierConfig",
-    "RobustImageClassifier",
-    "attack_mode",
-    "confusion_counts",
-    "create_robust_classifier",
-    "csr_penalty",
-    "load_robust_model",
-    "normalize_confusion",
-    "parse_pixel_value",
-    "pgd_attack",
-    "spectral_weights",
-    "top_singular_pair",
-]
+_EXPORTS = {
+    "CSRTrainer": ".trainer",
+    "CSRTrainingArguments": ".configuration",
+    "ConfusionEstimator": ".regularizer",
+    "PixelSpaceClassifier": ".models.loading",
+    "RobustClassifierConfig": ".models",
+    "RobustImageClassifier": ".models",
+    "attack_mode": ".attacks",
+    "confusion_counts": ".regularizer",
+    "create_robust_classifier": ".models",
+    "csr_penalty": ".regularizer",
+    "load_robust_model": ".models.loading",
+    "normalize_confusion": ".regularizer",
+    "parse_pixel_value": ".utils",
+    "pgd_attack": ".attacks",
+    "spectral_weights": ".regularizer",
+    "top_singular_pair": ".regularizer",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
+
+
+def _started_as_command() -> bool:
+    """True when this import is the start of the ``hf-csr`` script, or of ``python -m hf_csr.<module>``
+    (while Python locates the module of ``-m``, ``sys.argv[0]`` is ``"-m"``: the package is imported as the
+    parent of the module about to run, which imports what it needs)."""
+    argv0 = _sys.argv[0] if _sys.argv else ""
+    return argv0 == "-m" or _os.path.splitext(_os.path.basename(argv0))[0] == "hf-csr"
+
+
+if not _started_as_command():
+    from . import models  # noqa: E402,F401  (registers the backbones and the Auto classes)

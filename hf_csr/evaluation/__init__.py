@@ -12,29 +12,23 @@
   numbers however the evaluation is split.
 """
 
-from .report import AttackResult, RobustnessReport, classwise_agreement
-from .robustness import DEFAULT_ATTACKS, evaluate_robustness
-from .specs import (
-    AUTOATTACK_COMPONENTS,
-    WORST_OF_ALL,
-    AutoAttackConfig,
-    CleanConfig,
-    PGDConfig,
-    parse_attack,
-    parse_attacks,
-)
+from ..lazy import lazy_exports as _lazy_exports
 
-__all__ = [
-    "AUTOATTACK_COMPONENTS",
-    "DEFAULT_ATTACKS",
-    "WORST_OF_ALL",
-    "AttackResult",
-    "AutoAttackConfig",
-    "CleanConfig",
-    "PGDConfig",
-    "RobustnessReport",
-    "classwise_agreement",
-    "evaluate_robustness",
-    "parse_attack",
-    "parse_attacks",
-]
+_EXPORTS = {
+    "AttackResult": ".report",
+    "RobustnessReport": ".report",
+    "classwise_agreement": ".report",
+    "DEFAULT_ATTACKS": ".robustness",
+    "evaluate_robustness": ".robustness",
+    "AUTOATTACK_COMPONENTS": ".specs",
+    "WORST_OF_ALL": ".specs",
+    "AutoAttackConfig": ".specs",
+    "CleanConfig": ".specs",
+    "PGDConfig": ".specs",
+    "parse_attack": ".specs",
+    "parse_attacks": ".specs",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)

@@ -10,62 +10,38 @@
 * :func:`training_setup`: the training set-up of a ``CSRTrainer`` as its card shows it.
 """
 
-from .cards import (
-    CARD_DATASETS,
-    MODEL_CARD_TEMPLATE,
-    escape_markdown,
-    read_card_metadata,
-    read_results,
-    render_model_card,
-    training_setup,
-    write_model_card,
-)
-from .checkpoints import (
-    DATASETS,
-    LAYOUTS,
-    PUBLISHED_CHECKPOINTS,
-    ConvertedCheckpoint,
-    DatasetInfo,
-    PublishedCheckpoint,
-    convert_checkpoint,
-    load_published,
-    read_checkpoint,
-)
-from .generated_data import (
-    DDPM_DATA_REPO,
-    GeneratedImageDataset,
-    ShardedArray,
-    convert_generated_data,
-    download_generated_data,
-)
-from .push import PUSH_PATTERNS, HubPushError, check_checkpoint_dir, push_checkpoint, regular_files
+from ..lazy import lazy_exports as _lazy_exports
 
-__all__ = [
-    "CARD_DATASETS",
-    "DATASETS",
-    "DDPM_DATA_REPO",
-    "LAYOUTS",
-    "MODEL_CARD_TEMPLATE",
-    "PUBLISHED_CHECKPOINTS",
-    "PUSH_PATTERNS",
-    "ConvertedCheckpoint",
-    "DatasetInfo",
-    "GeneratedImageDataset",
-    "HubPushError",
-    "PublishedCheckpoint",
-    "ShardedArray",
-    "check_checkpoint_dir",
-    "convert_checkpoint",
-    "convert_generated_data",
-    "download_generated_data",
-    "escape_markdown",
-    "load_published",
-    "push_checkpoint",
-    "read_card_metadata",
-    "read_checkpoint",
-    "read_results",
-    "regular_files",
-    "render_model_card",
-    "training_setup",
-    "write_model_card",
-]
+_EXPORTS = {
+    "CARD_DATASETS": ".cards",
+    "MODEL_CARD_TEMPLATE": ".cards",
+    "escape_markdown": ".cards",
+    "read_card_metadata": ".cards",
+    "read_results": ".cards",
+    "render_model_card": ".cards",
+    "training_setup": ".cards",
+    "write_model_card": ".cards",
+    "DATASETS": ".checkpoints",
+    "LAYOUTS": ".checkpoints",
+    "PUBLISHED_CHECKPOINTS": ".checkpoints",
+    "ConvertedCheckpoint": ".checkpoints",
+    "DatasetInfo": ".checkpoints",
+    "PublishedCheckpoint": ".checkpoints",
+    "convert_checkpoint": ".checkpoints",
+    "load_published": ".checkpoints",
+    "read_checkpoint": ".checkpoints",
+    "DDPM_DATA_REPO": ".generated_data",
+    "GeneratedImageDataset": ".generated_data",
+    "ShardedArray": ".generated_data",
+    "convert_generated_data": ".generated_data",
+    "download_generated_data": ".generated_data",
+    "PUSH_PATTERNS": ".push",
+    "HubPushError": ".push",
+    "check_checkpoint_dir": ".push",
+    "push_checkpoint": ".push",
+    "regular_files": ".push",
+}
+
+__all__ = sorted(_EXPORTS)
+
+__getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
