@@ -1,4 +1,9 @@
-"""The ``hf-csr`` command."""
+"""The ``hf-csr`` command.
+
+Building the parser imports nothing heavy (:mod:`hf_csr.arguments`, the commands' argument definitions):
+``hf-csr --help`` and every ``hf-csr <command> --help`` answer without loading torch. A command's
+implementation is imported by its handler, when it runs.
+"""
 
 from __future__ import annotations
 
@@ -9,44 +14,97 @@ import sys
 import traceback
 from typing import Callable, List, Optional
 
-from .hub.commands import add_hub_commands
+from .arguments import HelpFormatter, add_command, add_log_level, add_option
 from .evaluation.command import add_evaluate_parser
+from .hub.commands import add_hub_commands
+from .recipes import RECIPES
 
-__all__ = ["main", "run_reporting_errors"]
+__all__ = ["build_parser", "main", "run_command", "run_reporting_errors"]
 
 logger = logging.getLogger(__name__)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: Optional[List[str]]) -> argparse.Namespace:
+    """Parse ``argv``; the options a command does not know go to its ``overrides`` (``train``, ``quickstart``:
+    settings of the recipes' parser, with or without a ``--`` before them), and are an error for the others."""
+    args, extra = parser.parse_known_args(argv)
+    if extra and not hasattr(args, "overrides"):
+        command = getattr(parser, "commands", {}).get(getattr(args, "command", None), parser)
+        command.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        if "--" in extra:
+            extra.remove("--")
+        args.overrides = extra
+    return args
 
 
 def _quickstart(args: argparse.Namespace) -> int:
     from .quickstart import format_comparison, run_quickstart
 
-    overrides = args.overrides[1:] if args.overrides[:1] == ["--"] else args.overrides
-    summary = run_quickstart(args.output_dir, overrides)
+    summary = run_quickstart(args.output_dir, args.overrides)
     sys.stdout.write("\n" + format_comparison(summary) + "\n")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-csr", description="Confusional Spectral Regularization tools.")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    sub = parser.add_subparsers(dest="command", required=True)
-    quick = sub.add_parser(
-        "quickstart",
+def _train(args: argparse.Namespace) -> int:
+    from .experiment import run_recipe
+    from .recipes import config_recipe
+
+    recipe = args.recipe or (config_recipe(args.config) if args.config else None) or "train_from_scratch"
+    argv = (["--config", args.config] if args.config else []) + args.overrides
+    return run_recipe(recipe, argv, prog="hf-csr train")
+
+
+def _add_quickstart_parser(sub: argparse._SubParsersAction) -> None:
+    quick = add_command(
+        sub, "quickstart",
         help="PGD-AT vs CSR on Fashion-MNIST on a CPU (a few minutes): trains both, evaluates both, prints the table",
         description="Trains a small PreAct-ResNet on Fashion-MNIST twice (PGD-AT, then CSR; same seed and budget), "
         "evaluates both clean and under PGD-20 class by class, and prints a side-by-side table. Extra arguments "
-        "override the shared settings, e.g. `hf-csr quickstart -- --max_steps 200`.",
+        "override the shared settings (the recipes' settings), e.g. `hf-csr quickstart --max_steps 200`.",
     )
-    quick.add_argument("--output-dir", default="outputs/quickstart", help="where the two runs are written")
-    quick.add_argument("overrides", nargs=argparse.REMAINDER, help="CSRTrainingArguments/ExperimentArguments flags")
-    quick.set_defaults(func=_quickstart)
-    add_hub_commands(sub)
+    add_option(quick, "--output_dir", default="outputs/quickstart",
+               help="where the two runs are written (default: %(default)s)")
+    quick.set_defaults(func=_quickstart, overrides=[])
+
+
+def _add_train_parser(sub: argparse._SubParsersAction) -> None:
+    train = add_command(
+        sub, "train",
+        help="train with a recipe's settings and a YAML config (as `accelerate launch recipes/<recipe>.py --config ...`)",
+        description="Runs a training recipe (hf_csr.experiment): the recipe's defaults, then the --config YAML, "
+        "then any further option (a setting of the recipe, e.g. --max_steps 100 --output_dir out/), train, "
+        "evaluate class by class, write the model card.",
+        epilog="examples:\n"
+        "  hf-csr train --config recipes/configs/table3_cifar10_csr_gamma0.yaml --max_steps 100\n"
+        "  accelerate launch -m hf_csr.cli train --config recipes/configs/table2_wrn28_10_linf_csr_gamma0.yaml\n"
+        "  hf-csr train --recipe finetune_ddpm_wrn -- --help     # every setting, in groups",
+    )
+    group = train.add_argument_group("recipe")
+    add_option(group, "--config", default=None,
+               help="YAML file of settings, e.g. recipes/configs/table3_cifar10_csr_gamma0.yaml")
+    add_option(group, "--recipe", choices=sorted(RECIPES), default=None,
+               help="whose defaults apply below the config: " + "; ".join(f"{name}: {doc}" for name, (doc, _) in
+                                                                        sorted(RECIPES.items()))
+               + " (default: the config's `recipe:` key, else train_from_scratch)")
+    train.set_defaults(func=_train, overrides=[])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hf-csr", description="Confusional Spectral Regularization tools.",
+                                     formatter_class=HelpFormatter)
+    add_log_level(parser, top_level=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quickstart_parser(sub)
+    _add_train_parser(sub)
     add_evaluate_parser(sub)
+    add_hub_commands(sub)
+    parser.commands = sub.choices  # command name -> its parser (run_command)
     return parser
 
 
 def run_reporting_errors(
-    call: Callable[[], int], prefix: str, *, debug: bool = False, debug_hint: str = "--log-level DEBUG",
+    call: Callable[[], int], prefix: str, *, debug: bool = False, debug_hint: str = "--log_level debug",
     exit_on_error: bool = False,
 ) -> int:
     """Run ``call``; turn any failure into one line on stderr (``{prefix}: ...``) and an exit status.
@@ -104,17 +162,33 @@ def _check_common_arguments(args: argparse.Namespace) -> None:
         check_device(args.device, "--device")
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, args.log_level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def _run(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def call() -> int:
         _check_common_arguments(args)
         return args.func(args)
 
-    return run_reporting_errors(call, f"hf-csr {args.command}: error", debug=args.log_level == "DEBUG",
-                                debug_hint="--log-level DEBUG", exit_on_error=True)
+    return run_reporting_errors(call, f"{args.prog}: error", debug=args.log_level == "debug",
+                                debug_hint="--log_level debug", exit_on_error=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _parse(build_parser(), argv)
+    args.prog = f"hf-csr {args.command}"
+    return _run(args)
+
+
+def run_command(command: str, argv: Optional[List[str]] = None, prog: Optional[str] = None) -> int:
+    """``hf-csr <command> <argv>`` with its own program name (a recipe script that is one command)."""
+    sub = build_parser().commands[command]
+    if prog:
+        sub.prog = prog
+    args = _parse(sub, sys.argv[1:] if argv is None else argv)
+    args.command, args.prog = command, sub.prog
+    args.log_level = getattr(args, "log_level", "info")
+    return _run(args)
 
 
 if __name__ == "__main__":  # pragma: no cover

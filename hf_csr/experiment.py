@@ -32,8 +32,8 @@ from .trainer import CSRTrainer
 from .utils import atomic_write_json, launched_processes
 from .validation import check_attack_list
 
-__all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary",
-           "check_launch"]
+__all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "run_recipe",
+           "training_summary", "check_launch"]
 
 logger = logging.getLogger(__name__)
 
@@ -134,19 +134,39 @@ def fairness_flags_dataclass():
 
 
 def parse_args(
-    argv: Optional[Sequence[str]] = None, defaults: Optional[Mapping[str, Any]] = None
+    argv: Optional[Sequence[str]] = None, defaults: Optional[Mapping[str, Any]] = None, *,
+    recipe: Optional[str] = None, prog: Optional[str] = None,
 ) -> Tuple[ExperimentArguments, CSRTrainingArguments]:
     """Parse ``argv`` (default ``sys.argv[1:]``) with HfArgumentParser; ``--config file.yaml`` supplies
-    values between the recipe's ``defaults`` and the command line."""
+    values between the recipe's ``defaults`` and the command line.
+
+    ``recipe`` names the recipe being run (:mod:`hf_csr.recipes`): its defaults apply when ``defaults`` is
+    None, and a config whose ``recipe:`` key names another recipe is refused. ``prog``: the program name
+    in ``--help`` and errors (default: the script's name)."""
+    from .arguments import DefaultsHelpFormatter
+    from .recipes import check_recipe, recipe_defaults
+
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config")
     known, rest = pre.parse_known_args(argv)
-    values: Dict[str, Any] = dict(defaults or {})
-    if known.config:
-        values.update(_read_config(known.config))
+    config = _read_config(known.config) if known.config else {}
+    named = config.pop("recipe", None)
+    if named is not None:
+        check_recipe(named, f"the `recipe:` of {known.config}")
+        if recipe is not None and named != recipe:
+            raise ValueError(
+                f"{known.config} is a config of the recipe {named!r}, not {recipe!r}: run recipes/{named}.py with it "
+                f"(or `hf-csr train --config {known.config}`)."
+            )
+    recipe = recipe or named
+    if defaults is None and recipe is not None:
+        defaults = recipe_defaults(recipe)
+    values: Dict[str, Any] = {**(defaults or {}), **config}
     flags_class = fairness_flags_dataclass()
-    parser = HfArgumentParser((ExperimentArguments, CSRTrainingArguments, flags_class))
+    parser = HfArgumentParser((ExperimentArguments, CSRTrainingArguments, flags_class), prog=prog,
+                              usage="%(prog)s [-h] [--config YAML] [--SETTING VALUE ...]",
+                              formatter_class=DefaultsHelpFormatter)
     groups = [[f.name for f in fields(dc) if f.init] for dc in (ExperimentArguments, CSRTrainingArguments, flags_class)]
     valid = {name for group in groups for name in group}
     unknown = sorted(set(values) - valid)
@@ -157,6 +177,7 @@ def parse_args(
         )
     values = _check_value_types(values, known.config or "the recipe defaults")
     parser.add_argument("--config", help="YAML file of settings (overridden by command-line flags).")
+    _group_help(parser, groups)
     parser.set_defaults(**values)
     if "output_dir" not in values and "--output_dir" not in rest and "--output-dir" not in rest:
         parser.set_defaults(output_dir="outputs/run")
@@ -165,6 +186,41 @@ def parse_args(
     training_values = {name: namespace[name] for name in groups[1]}
     training_values.update(_method_settings(training_values["fairness_method"], namespace, flags_class))
     return experiment, CSRTrainingArguments(**training_values)
+
+
+def _group_help(parser: argparse.ArgumentParser, groups: List[List[str]]) -> None:
+    """Sort the options of ``--help`` into groups, hf_csr's own first: the experiment (model and data), the
+    fairness method, adversarial training and its attack, then the inherited transformers TrainingArguments
+    (with the paper's defaults where hf_csr sets them)."""
+    from transformers import TrainingArguments
+
+    inherited = {f.name for f in fields(TrainingArguments)}
+    experiment, training, flags = (set(g) for g in groups)
+    fairness = flags | {"fairness_method", "fairness_config"}
+    titles = {
+        "experiment": ("experiment (hf_csr.experiment.ExperimentArguments)", "model, data and final evaluation"),
+        "fairness": ("fairness method (hf_csr.fairness)", "the method and its settings; each flag names its method(s)"),
+        "adversarial": ("adversarial training (hf_csr.CSRTrainingArguments)", "base loss, training attack, AWP, "
+                        "augmentation and learning-rate milestones"),
+        "inherited": ("training (transformers.TrainingArguments)", "inherited; hf_csr sets the paper's defaults for "
+                      "the optimizer, learning rate, batch size and weight decay"),
+    }
+    targets = {key: parser.add_argument_group(title, description) for key, (title, description) in titles.items()}
+    default_group = parser._optionals  # HfArgumentParser puts every dataclass field there
+    for action in list(default_group._group_actions):
+        dest = action.dest
+        if dest in experiment:
+            key = "experiment"
+        elif dest in fairness:
+            key = "fairness"
+        elif dest in training and dest not in inherited:
+            key = "adversarial"
+        elif dest in training:
+            key = "inherited"
+        else:
+            continue  # --help, --config
+        default_group._group_actions.remove(action)
+        targets[key]._group_actions.append(action)
 
 
 def _method_settings(method: str, namespace: Dict[str, Any], flags_class) -> Dict[str, Any]:
@@ -469,9 +525,11 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     return {**results, "training_summary": summary}
 
 
-def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None) -> int:
+def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None, *,
+         recipe: Optional[str] = None, prog: Optional[str] = None) -> int:
     """A recipe's entry point: one clear error line and a non-zero status for every failure (the
-    traceback only with ``--log_level debug``); 143 when SIGTERM stopped the run after its checkpoint."""
+    traceback only with ``--log_level debug``); 143 when SIGTERM stopped the run after its checkpoint.
+    ``recipe``: a name of :data:`hf_csr.recipes.RECIPES`, whose defaults apply when ``defaults`` is None."""
     from .cli import run_reporting_errors
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -479,11 +537,19 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
     debug = any(a.lower() in ("--log_level=debug", "--log-level=debug") for a in argv) or any(
         a in ("--log_level", "--log-level") and i + 1 < len(argv) and argv[i + 1].lower() == "debug"
         for i, a in enumerate(argv))
-    return run_reporting_errors(lambda: _main(defaults, argv), "error", debug=debug, debug_hint="--log_level debug")
+    return run_reporting_errors(lambda: _main(defaults, argv, recipe, prog), f"{prog}: error" if prog else "error",
+                                debug=debug, debug_hint="--log_level debug")
 
 
-def _main(defaults: Optional[Mapping[str, Any]], argv: Sequence[str]) -> int:
-    experiment, training = parse_args(argv, defaults)
+def run_recipe(recipe: str, argv: Optional[Sequence[str]] = None, prog: Optional[str] = None) -> int:
+    """Run the recipe ``recipe`` (:data:`hf_csr.recipes.RECIPES`) on ``argv``: ``recipes/<recipe>.py`` and
+    ``hf-csr train`` are this call."""
+    return main(argv=argv, recipe=recipe, prog=prog)
+
+
+def _main(defaults: Optional[Mapping[str, Any]], argv: Sequence[str], recipe: Optional[str] = None,
+          prog: Optional[str] = None) -> int:
+    experiment, training = parse_args(argv, defaults, recipe=recipe, prog=prog)
     results = run(experiment, training)  # run() checks the launch first
     atomic_write_json(os.path.join(training.output_dir, "run_summary.json"),
                       {"experiment": asdict(experiment), "training": results.get("training_summary") or training_summary(training),

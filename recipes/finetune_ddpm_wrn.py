@@ -26,25 +26,7 @@ on several nodes convert the npz once ahead with ``hf-csr convert-data`` and pas
 
 import sys
 
-from hf_csr.experiment import main
-
-DEFAULTS = {
-    "model": "wrn28_10_ddpm.dm_cifar10_linf",
-    "dataset": "uoft-cs/cifar10",
-    "generated_data": "cifar10/1m.npz",
-    "real_fraction": 0.3,
-    "num_train_epochs": 2,
-    "learning_rate": 0.01,
-    "per_device_train_batch_size": 128,
-    "base_loss": "trades",
-    "trades_beta": 5.0,
-    "label_smoothing_factor": 0.1,
-    "attack_bn_mode": "train",
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "save_total_limit": 2,
-    "logging_steps": 50,
-}
+from hf_csr.experiment import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(main(DEFAULTS))
+    sys.exit(run_recipe("finetune_ddpm_wrn"))  # its defaults: hf_csr.recipes.RECIPES["finetune_ddpm_wrn"]

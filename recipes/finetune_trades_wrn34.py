@@ -13,20 +13,7 @@ batch 128, PGD-10 Linf 8/255 crafted in eval mode (as the released code).
 
 import sys
 
-from hf_csr.experiment import main
-
-DEFAULTS = {
-    "model": "model-wideres-epoch76.pt",
-    "backbone": "wrn34_10_trades",
-    "dataset": "uoft-cs/cifar10",
-    "num_train_epochs": 2,
-    "learning_rate": 0.01,
-    "per_device_train_batch_size": 128,
-    "base_loss": "trades",
-    "trades_beta": 6.0,
-    "save_strategy": "epoch",
-    "logging_steps": 50,
-}
+from hf_csr.experiment import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(main(DEFAULTS))
+    sys.exit(run_recipe("finetune_trades_wrn34"))  # its defaults: hf_csr.recipes.RECIPES["finetune_trades_wrn34"]

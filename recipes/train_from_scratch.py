@@ -19,21 +19,7 @@ PGD-20, CW-20, AutoAttack) in ``results.json`` and a model card.
 
 import sys
 
-from hf_csr.experiment import main
-
-DEFAULTS = {
-    "model": "preact_resnet18",
-    "dataset": "uoft-cs/cifar10",
-    "num_train_epochs": 200,
-    "learning_rate": 0.1,
-    "lr_milestones": "100,150",
-    "per_device_train_batch_size": 128,
-    "save_strategy": "epoch",
-    "save_total_limit": 2,
-    "logging_steps": 50,
-    "eval_strategy": "epoch",
-    "eval_limit": 1000,
-}
+from hf_csr.experiment import run_recipe
 
 if __name__ == "__main__":
-    sys.exit(main(DEFAULTS))
+    sys.exit(run_recipe("train_from_scratch"))  # its defaults: hf_csr.recipes.RECIPES["train_from_scratch"]

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 from typing import Optional, Tuple
 
-__all__ = ["add_evaluate_parser", "run_evaluate"]
+from ..arguments import add_command, add_option
+
+__all__ = ["add_evaluate_parser", "add_model_arguments", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
-#: Where ``hf-csr evaluate`` keeps its per-batch progress by default (inside ``--output-dir``).
+#: Where ``hf-csr evaluate`` keeps its per-batch progress by default (inside ``--output_dir``).
 PROGRESS_DIR = ".progress"
 
 INPUT_CONVENTION = """\
@@ -23,13 +25,13 @@ its config; a transformers model's image processor or a timm model's pretrained 
 model; a module:factory model gets --mean/--std), so --eps is in pixel units as in AutoAttack and
 RobustBench. Pixel values outside [0, 1] are an error.
 
-outputs (in --output-dir): results.json, results.md (the table, also printed), confusion_matrix.png
+outputs (in --output_dir): results.json, results.md (the table, also printed), confusion_matrix.png
 (the robust confusion matrix of the headline attack, paper Fig. 3), classwise_accuracy.png and, with
---train-dataset, train_test_scatter.png (paper Fig. 2).
+--train_dataset, train_test_scatter.png (paper Fig. 2).
 
-interruptions: progress is kept per attack and per batch in <output-dir>/.progress; if the evaluation is
+interruptions: progress is kept per attack and per batch in <output_dir>/.progress; if the evaluation is
 killed, run the same command again (with any number of processes) and it continues where it stopped, with
-identical numbers (--no-resume turns this off). Progress left by an evaluation of another model, data set,
+identical numbers (--no_resume turns this off). Progress left by an evaluation of another model, data set,
 attack list, threat model or seed is removed, with a warning. The folder is removed once the evaluation has
 finished.
 
@@ -37,67 +39,85 @@ several processes or machines: launch the same command with `accelerate launch -
 or `torchrun --nproc_per_node N -m hf_csr.cli evaluate ...`. Each process attacks every N-th batch (on its own
 GPU, cuda:<local rank>, unless --device says otherwise); the per-example outcomes are gathered and the main
 process alone writes the outputs. The random starts are keyed per example, so the numbers do not depend on
-the number of processes, and for clean, PGD, CW, APGD and FAB-T not on --batch-size either (results.json's
-"randomness" lists what does). With several machines, --output-dir must be on a shared file system.
+the number of processes, and for clean, PGD, CW, APGD and FAB-T not on --batch_size either (results.json's
+"randomness" lists what does). With several machines, --output_dir must be on a shared file system.
 
 example:
   hf-csr evaluate --model ./my-checkpoint --dataset fashion_mnist --split test --limit 1000 \\
-      --attacks clean,pgd20,cw20,autoattack --norm Linf --eps 8/255 --output-dir eval/
+      --attacks clean,pgd20,cw20,autoattack --norm Linf --eps 8/255 --output_dir eval/
 """
 
 
+def add_model_arguments(parser) -> None:
+    """``--model`` and the options of a plain PyTorch classifier (read by
+    :func:`hf_csr.models.loading.load_model_from_args`)."""
+    add_option(
+        parser, "--model", required=True,
+        help="an hf_csr or transformers model (directory or Hub repo; a transformers model's image processor is folded "
+             "in), a published checkpoint name or .pt/.safetensors file, a timm model (timm/<name>, hf-hub:..., "
+             "local-dir:<folder>, a timm-format folder), or package.module:factory with --weights")
+    add_option(parser, "--weights", default=None, help="state-dict file for --model package.module:factory")
+    add_option(parser, "--input_size", default=None,
+               help="C,H,W the model expects (package.module:factory; inputs are resized to H x W)")
+    add_option(parser, "--num_classes", type=int, default=None, help="number of classes (module:factory)")
+    add_option(parser, "--class_names", default=None, help="comma-separated class names (module:factory)")
+    add_option(parser, "--mean", default=None, help="comma-separated per-channel mean the model expects on [0, 1] "
+                                                    "inputs (module:factory; default: no normalisation)")
+    add_option(parser, "--std", default=None, help="comma-separated per-channel std (with --mean)")
+    add_option(parser, "--factory_kwargs", default=None, help="JSON object of keyword arguments for the factory")
+
+
 def add_evaluate_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser(
-        "evaluate",
+    """Register ``evaluate`` on the ``hf-csr`` subparsers (argparse only: the evaluation is imported when it runs)."""
+    parser = add_command(
+        subparsers, "evaluate",
         help="clean, PGD-20, CW-20 and AutoAttack accuracy of a checkpoint, class by class",
         description="Evaluate an image classifier clean and under attacks, reporting average and per-class "
         "accuracy, the worst class and the robust confusion matrix with its norms.",
         epilog=INPUT_CONVENTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from ..models.loading import add_model_arguments
-
-    add_model_arguments(parser)  # --model and the options of a plain PyTorch classifier
-    parser.add_argument("--dataset", required=True,
-                        help="fashion_mnist, a .npz file (image/label arrays), a .parquet file, a local datasets "
-                        "folder (imagefolder, save_to_disk) or a Hub dataset id such as uoft-cs/cifar10")
-    parser.add_argument("--split", default="test", help="dataset split (default: test)")
-    parser.add_argument("--image-column", default=None, help="image column (default: auto-detected)")
-    parser.add_argument("--label-column", default=None, help="label column (default: auto-detected)")
-    parser.add_argument("--limit", type=int, default=None,
-                        help="evaluate a class-stratified random subset of N examples")
-    parser.add_argument("--attacks", default="clean,pgd20,cw20,autoattack",
-                        help="comma-separated: clean, pgd<steps>, cw<steps>, autoattack, autoattack:<a>+<b> "
-                        "(components apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square); default: %(default)s")
-    parser.add_argument("--norm", choices=["Linf", "L2"], default=None,
-                        help="threat model (default: the model config's threat_model, else Linf)")
-    parser.add_argument("--eps", default=None,
-                        help="budget in pixel units, e.g. 8/255 (default: the model config's, else 8/255 for Linf, "
-                        "0.5 for L2)")
-    parser.add_argument("--autoattack-version", choices=["standard", "rand"], default="standard",
-                        help="the version run by 'autoattack' (rand: for randomised defences, reported as "
-                        "autoattack-rand)")
-    parser.add_argument("--batch-size", type=int, default=128, help="examples per batch (AutoAttack runs per batch)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random starts and of --limit's subsets")
-    parser.add_argument("--output-dir", default="robustness_eval",
-                        help="where to write the results (default: %(default)s)")
-    parser.add_argument("--train-dataset", default=None,
-                        help="also evaluate this training set (same forms as --dataset) for the train-vs-test "
-                        "class-wise agreement of paper Fig. 2")
-    parser.add_argument("--train-split", default="train", help="split of --train-dataset (default: train)")
-    parser.add_argument("--train-limit", type=int, default=None,
-                        help="subset size for the training set (default: --limit)")
-    parser.add_argument("--autocast", choices=["bf16", "fp16"], default=None, help="run the model under autocast")
-    parser.add_argument("--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: cuda if available)")
-    parser.add_argument("--resume-dir", default=None,
-                        help="keep per-attack, per-batch progress here; rerun the same command to resume "
-                        "(default: <output-dir>/.progress, removed once the evaluation has finished)")
-    parser.add_argument("--no-resume", action="store_true",
-                        help="keep no progress: an interrupted evaluation starts again from the beginning")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.add_argument("--no-card", action="store_true",
-                        help="do not write the model card (README.md) into --output-dir; by default the card is "
-                             "written, and refreshed at every evaluation when --output-dir is the model directory")
+    add_model_arguments(parser.add_argument_group("model"))
+    data = parser.add_argument_group("data")
+    add_option(data, "--dataset", required=True,
+               help="fashion_mnist, a .npz file (image/label arrays), a .parquet file, a local datasets "
+               "folder (imagefolder, save_to_disk) or a Hub dataset id such as uoft-cs/cifar10")
+    add_option(data, "--split", default="test", help="dataset split (default: test)")
+    add_option(data, "--image_column", default=None, help="image column (default: auto-detected)")
+    add_option(data, "--label_column", default=None, help="label column (default: auto-detected)")
+    add_option(data, "--limit", type=int, default=None, help="evaluate a class-stratified random subset of N examples")
+    add_option(data, "--train_dataset", default=None,
+               help="also evaluate this training set (same forms as --dataset) for the train-vs-test "
+               "class-wise agreement of paper Fig. 2")
+    add_option(data, "--train_split", default="train", help="split of --train_dataset (default: train)")
+    add_option(data, "--train_limit", type=int, default=None,
+               help="subset size for the training set (default: --limit)")
+    attacks = parser.add_argument_group("attacks")
+    add_option(attacks, "--attacks", default="clean,pgd20,cw20,autoattack",
+               help="comma-separated: clean, pgd<steps>, cw<steps>, autoattack, autoattack:<a>+<b> "
+               "(components apgd-ce, apgd-dlr, apgd-t, fab, fab-t, square); default: %(default)s")
+    add_option(attacks, "--norm", choices=["Linf", "L2"], default=None,
+               help="threat model (default: the model config's threat_model, else Linf)")
+    add_option(attacks, "--eps", default=None,
+               help="budget in pixel units, e.g. 8/255 (default: the model config's, else 8/255 for Linf, 0.5 for L2)")
+    add_option(attacks, "--autoattack_version", choices=["standard", "rand"], default="standard",
+               help="the version run by 'autoattack' (rand: for randomised defences, reported as autoattack-rand)")
+    add_option(attacks, "--seed", type=int, default=0, help="seed of the random starts and of --limit's subsets")
+    output = parser.add_argument_group("output")
+    add_option(output, "--output_dir", default="robustness_eval",
+               help="where to write the results (default: %(default)s)")
+    add_option(output, "--no_card", action="store_true",
+               help="do not write the model card (README.md) into --output_dir; by default the card is "
+                    "written, and refreshed at every evaluation when --output_dir is the model directory")
+    add_option(output, "--no_progress", action="store_true", help="hide the progress bars")
+    run = parser.add_argument_group("run")
+    add_option(run, "--batch_size", type=int, default=128, help="examples per batch (AutoAttack runs per batch)")
+    add_option(run, "--autocast", choices=["bf16", "fp16"], default=None, help="run the model under autocast")
+    add_option(run, "--device", default=None, help="e.g. cuda, cuda:1 or cpu (default: cuda if available)")
+    add_option(run, "--resume_dir", default=None,
+               help="keep per-attack, per-batch progress here; rerun the same command to resume "
+               "(default: <output_dir>/.progress, removed once the evaluation has finished)")
+    add_option(run, "--no_resume", action="store_true",
+               help="keep no progress: an interrupted evaluation starts again from the beginning")
     parser.set_defaults(func=run_evaluate)
     return parser
 
@@ -172,11 +192,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         default_device = state.device
     shards = Shards(distributed)
     # Everything that can be checked is checked before the (long) evaluation starts; only the main process
-    # creates or writes anything in --output-dir, and its verdict is every process's.
+    # creates or writes anything in --output_dir, and its verdict is every process's.
     error = None
     if shards.is_main:
         try:
-            ensure_writable_dir(args.output_dir, "--output-dir")
+            ensure_writable_dir(args.output_dir, "--output_dir")
             if not args.no_card:
                 from ..hub.cards import check_card_inputs
 
@@ -188,11 +208,11 @@ def run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError(error)
     output_dir = Path(args.output_dir)
     if getattr(args, "no_resume", False) and args.resume_dir is not None:
-        raise ValueError("--no-resume and --resume-dir exclude each other; pass one of them.")
+        raise ValueError("--no_resume and --resume_dir exclude each other; pass one of them.")
     for name in ("limit", "train_limit", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer; got {value}.")
+            raise ValueError(f"--{name} must be a positive integer; got {value}.")
     attacks = check_attack_list(args.attacks, "--attacks", autoattack_version=args.autoattack_version)  # bounded steps
     eps = None if args.eps is None else _check_eps(args.eps, args.norm)
     device = torch.device(args.device) if args.device else default_device

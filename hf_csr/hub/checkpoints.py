@@ -471,7 +471,7 @@ def load_published(
         except ValueError as error:
             raise ValueError(
                 f"{error} To evaluate your own architecture, no conversion is needed: `hf-csr evaluate --model "
-                "package.module:factory --weights FILE --input-size C,H,W` (or hf_csr.load_robust_model(module))."
+                "package.module:factory --weights FILE --input_size C,H,W` (or hf_csr.load_robust_model(module))."
             ) from None
     if path is None:
         path = hub_file(

@@ -13,8 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from ..utils import parse_pixel_value
-from ..validation import check_budget
+from ..arguments import add_command, add_option
 
 __all__ = ["add_hub_commands"]
 
@@ -22,11 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def _threat_model(text: str) -> dict:
+    from ..utils import parse_pixel_value
+    from ..validation import check_budget
+
     norm, sep, eps = text.partition(":")
     if not sep or norm not in ("Linf", "L2"):
         raise argparse.ArgumentTypeError(f"expected NORM:EPS with NORM Linf or L2, e.g. Linf:8/255; got {text!r}")
     try:
-        return {"norm": norm, "eps": check_budget(parse_pixel_value(eps, "eps"), norm, "--threat-model eps")}
+        return {"norm": norm, "eps": check_budget(parse_pixel_value(eps, "eps"), norm, "--threat_model eps")}
     except ValueError as error:
         raise argparse.ArgumentTypeError(str(error)) from None
 
@@ -133,7 +135,7 @@ def _push(args: argparse.Namespace) -> int:
     try:
         info = push_checkpoint(
             args.checkpoint_dir, args.repo_id, private=args.private, commit_message=args.commit_message,
-            revision=args.revision, create_pr=args.create_pr,
+            revision=args.revision, create_pr=args.create_pr, token=args.token,
         )
     except HubPushError as error:
         raise SystemExit(f"hf-csr push: error: {error}") from None
@@ -141,55 +143,88 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_hub_commands(sub: argparse._SubParsersAction) -> None:
-    """Register ``convert``, ``convert-data``, ``card`` and ``push`` on the ``hf-csr`` subparsers."""
-    from .cards import CARD_DATASETS
-    from .checkpoints import DATASETS, PUBLISHED_CHECKPOINTS
+def _dataset_name(kind: str):
+    """An argparse ``type`` checking a dataset name against the table ``kind`` ("checkpoint": the datasets of
+    published checkpoints, "card": those a card can name) when the option is given (not at ``--help``)."""
 
-    convert = sub.add_parser(
-        "convert",
+    def check(text: str) -> str:
+        if kind == "card":
+            from .cards import CARD_DATASETS as known
+        else:
+            from .checkpoints import DATASETS as known
+        if text not in known:
+            raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of {sorted(known)}")
+        return text
+
+    check.__name__ = "dataset name"
+    return check
+
+
+def add_hub_commands(sub: argparse._SubParsersAction) -> None:
+    """Register ``convert``, ``convert-data``, ``card`` and ``push`` on the ``hf-csr`` subparsers. Only argparse
+    is needed here: the Hub modules are imported by the commands themselves."""
+    convert = add_command(
+        sub, "convert",
         help="convert a published robust checkpoint (DDPM-data, RobustBench, TRADES) into a save_pretrained directory",
-        description="Known published checkpoints: " + ", ".join(PUBLISHED_CHECKPOINTS),
+        description="Converts a published robust checkpoint into a save_pretrained directory with a class-wise "
+        "model card. The known published names are hf_csr.hub.PUBLISHED_CHECKPOINTS (an unknown name is refused "
+        "with the list), e.g. wrn28_10_ddpm.dm_cifar10_linf.",
     )
     convert.add_argument("source", help="a published name, a Hub repo id (with --filename) or a local .pt/.safetensors file")
-    convert.add_argument("output_dir")
-    convert.add_argument("--filename", help="the checkpoint file inside the Hub repo")
-    convert.add_argument("--backbone", help="timm backbone name (default: inferred from the keys)")
-    convert.add_argument("--num-classes", type=int)
-    convert.add_argument("--dataset", choices=sorted(DATASETS), help="class names and mean/std (default: inferred)")
-    convert.add_argument("--threat-model", type=_threat_model, help="e.g. Linf:8/255 or L2:128/255")
-    convert.add_argument("--revision")
-    convert.add_argument("--cache-dir")
-    convert.add_argument("--overwrite", action="store_true",
-                         help="replace output_dir (never allowed when it holds the source file)")
-    convert.add_argument("--license", help="the card's licence id (default: the original's, via its Hub repo)")
+    convert.add_argument("output_dir", help="the directory to write (save_pretrained layout, README.md card)")
+    source = convert.add_argument_group("source")
+    add_option(source, "--filename", help="the checkpoint file inside the Hub repo")
+    add_option(source, "--revision", help="Hub revision (branch, tag or commit) of the source")
+    add_option(source, "--cache_dir", help="Hugging Face cache directory for the download (default: the HF cache)")
+    model = convert.add_argument_group("model")
+    add_option(model, "--backbone", help="timm backbone name (default: inferred from the keys)")
+    add_option(model, "--num_classes", type=int, help="number of classes (default: from --dataset or the weights)")
+    add_option(model, "--dataset", type=_dataset_name("checkpoint"),
+               help="dataset of the checkpoint, for class names and mean/std, e.g. cifar10 (default: inferred)")
+    add_option(model, "--threat_model", type=_threat_model, help="NORM:EPS the model was trained for, e.g. Linf:8/255 or L2:128/255")
+    output = convert.add_argument_group("output")
+    add_option(output, "--overwrite", action="store_true",
+               help="replace output_dir (never allowed when it holds the source file)")
+    add_option(output, "--license", help="the card's licence id (default: the original's, via its Hub repo)")
     convert.set_defaults(func=_convert)
 
-    data = sub.add_parser("convert-data", help="stream DDPM-generated .npz images into memory-mapped shards")
+    data = add_command(sub, "convert-data", help="stream DDPM-generated .npz images into memory-mapped shards",
+                       description="Streams DDPM-generated .npz images (image/label arrays) into memory-mapped "
+                       "shards that the recipes read with --generated_data.")
     data.add_argument("sources", nargs="+", help="local .npz files, or files of the Hub dataset P2333/DM-Improves-AT (cifar10/1m.npz)")
-    data.add_argument("output_dir")
-    data.add_argument("--dataset", choices=sorted(DATASETS), default="cifar10")
-    data.add_argument("--shard-size", type=int, default=1_000_000, help="images per shard")
-    data.add_argument("--chunk-size", type=int, default=4096, help="images held in memory at a time")
-    data.add_argument("--revision")
-    data.add_argument("--overwrite", action="store_true")
+    data.add_argument("output_dir", help="the directory of the shards")
+    group = data.add_argument_group("conversion")
+    add_option(group, "--dataset", type=_dataset_name("checkpoint"), default="cifar10",
+               help="dataset whose class names the labels index (default: %(default)s)")
+    add_option(group, "--shard_size", type=int, default=1_000_000, help="images per shard (default: %(default)s)")
+    add_option(group, "--chunk_size", type=int, default=4096, help="images held in memory at a time (default: %(default)s)")
+    add_option(group, "--revision", help="revision of the Hub dataset (default: main)")
+    add_option(group, "--overwrite", action="store_true", help="replace an existing output_dir")
     data.set_defaults(func=_convert_data)
 
-    card = sub.add_parser("card", help="(re)write the model card README.md of a checkpoint directory")
-    card.add_argument("checkpoint_dir")
-    card.add_argument("--repo-id")
-    card.add_argument("--base-model")
-    card.add_argument("--training", help="JSON file with the training set-up")
-    card.add_argument("--dataset", choices=sorted(CARD_DATASETS))
-    card.add_argument("--license", help="licence id for the card's metadata (default: apache-2.0, or as recorded)")
+    card = add_command(sub, "card", help="(re)write the model card README.md of a checkpoint directory",
+                       description="(Re)writes the class-wise model card (README.md) of a checkpoint directory from "
+                       "its config, results.json and card.json.")
+    card.add_argument("checkpoint_dir", help="a save_pretrained directory")
+    group = card.add_argument_group("card")
+    add_option(group, "--repo_id", help="the Hub repo id the card names (its loading snippet and title)")
+    add_option(group, "--base_model", help="the Hub id of the model this one was fine-tuned or converted from")
+    add_option(group, "--training", help="JSON file with the training set-up (setting -> value)")
+    add_option(group, "--dataset", type=_dataset_name("card"), help="the training dataset the card names, e.g. cifar10")
+    add_option(group, "--license", help="licence id for the card's metadata (default: apache-2.0, or as recorded)")
     card.set_defaults(func=_card)
 
-    push = sub.add_parser("push", help="upload a checkpoint directory (safetensors, config, card, results, plots); the card "
-                          "is refreshed for the repo id first; symbolic links are not followed")
-    push.add_argument("checkpoint_dir")
-    push.add_argument("repo_id")
-    push.add_argument("--private", action="store_true", default=None)
-    push.add_argument("--commit-message")
-    push.add_argument("--revision", help="branch to push to (created if needed)")
-    push.add_argument("--create-pr", action="store_true")
+    push = add_command(sub, "push", help="upload a checkpoint directory (safetensors, config, card, results, plots); the card "
+                       "is refreshed for the repo id first; symbolic links are not followed",
+                       description="Uploads a checkpoint directory to a Hub model repo (created if needed) in one "
+                       "commit: safetensors weights, config, card, results and plots, never a pickle.")
+    push.add_argument("checkpoint_dir", help="a save_pretrained directory")
+    push.add_argument("repo_id", help="the Hub model repo, namespace/name")
+    group = push.add_argument_group("Hub")
+    add_option(group, "--token", default=None,
+               help="Hugging Face token with write access (default: HF_TOKEN or the `hf auth login` token)")
+    add_option(group, "--private", action="store_true", default=None, help="create the repo private (when it is new)")
+    add_option(group, "--commit_message", help="the commit message (default: one naming the checkpoint)")
+    add_option(group, "--revision", help="branch to push to (created if needed)")
+    add_option(group, "--create_pr", action="store_true", help="open a pull request instead of committing to the branch")
     push.set_defaults(func=_push)

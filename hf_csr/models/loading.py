@@ -39,7 +39,6 @@ from torch import nn
 
 __all__ = [
     "PixelSpaceClassifier",
-    "add_model_arguments",
     "load_model_from_args",
     "load_robust_model",
     "prepare_training_data",
@@ -282,7 +281,7 @@ def _wrap_module(model, weights, class_names, num_classes, input_size, mean, std
         return model
     if input_size is None:
         raise ValueError(
-            f"{source}: give the input size the model expects, (C, H, W) such as 1,28,28 (--input-size), so that "
+            f"{source}: give the input size the model expects, (C, H, W) such as 1,28,28 (--input_size), so that "
             "inputs can be checked and resized."
         )
     channels, height, width = (int(v) for v in input_size)
@@ -413,24 +412,6 @@ def _public(name: str) -> str:
 
 
 # --------------------------------------------------------------------------- the command line
-def add_model_arguments(parser) -> None:
-    """``--model`` and the options of a plain PyTorch classifier, for ``hf-csr evaluate``."""
-    parser.add_argument(
-        "--model", required=True,
-        help="an hf_csr or transformers model (directory or Hub repo; a transformers model's image processor is folded "
-             "in), a published checkpoint name or .pt/.safetensors file, a timm model (timm/<name>, hf-hub:..., "
-             "local-dir:<folder>, a timm-format folder), or package.module:factory with --weights")
-    parser.add_argument("--weights", default=None, help="state-dict file for --model package.module:factory")
-    parser.add_argument("--input-size", default=None,
-                        help="C,H,W the model expects (package.module:factory; inputs are resized to H x W)")
-    parser.add_argument("--num-classes", type=int, default=None, help="number of classes (module:factory)")
-    parser.add_argument("--class-names", default=None, help="comma-separated class names (module:factory)")
-    parser.add_argument("--mean", default=None, help="comma-separated per-channel mean the model expects on [0, 1] "
-                                                     "inputs (module:factory; default: no normalisation)")
-    parser.add_argument("--std", default=None, help="comma-separated per-channel std (with --mean)")
-    parser.add_argument("--factory-kwargs", default=None, help="JSON object of keyword arguments for the factory")
-
-
 def _floats(text: Optional[str], option: str) -> Optional[list]:
     if text is None:
         return None
@@ -449,20 +430,20 @@ def load_model_from_args(args, device) -> nn.Module:
         except ValueError:
             input_size = []
         if len(input_size) != 3 or min(input_size) < 1:
-            raise ValueError(f"--input-size must be C,H,W (e.g. 1,28,28); got {args.input_size!r}.")
+            raise ValueError(f"--input_size must be C,H,W (e.g. 1,28,28); got {args.input_size!r}.")
     kwargs = None
     if getattr(args, "factory_kwargs", None):
         try:
             kwargs = json.loads(args.factory_kwargs)
         except json.JSONDecodeError as error:
-            raise ValueError(f"--factory-kwargs must be a JSON object: {error}") from None
+            raise ValueError(f"--factory_kwargs must be a JSON object: {error}") from None
         if not isinstance(kwargs, dict):
-            raise ValueError("--factory-kwargs must be a JSON object such as '{\"width\": 4}'.")
+            raise ValueError("--factory_kwargs must be a JSON object such as '{\"width\": 4}'.")
     names = args.class_names.split(",") if getattr(args, "class_names", None) else None
     plain_options = [o for o in ("weights", "input_size", "factory_kwargs") if getattr(args, o, None)]
     if plain_options and not _is_factory(args.model):
         raise ValueError(
-            f"--{plain_options[0].replace('_', '-')} is for --model package.module:factory; {args.model!r} is not one."
+            f"--{plain_options[0]} is for --model package.module:factory; {args.model!r} is not one."
         )
     try:
         model = load_robust_model(
