@@ -2,7 +2,7 @@
 
 * the same seed gives identical evaluation results, twice in one process and across processes;
 * ``hf-csr evaluate`` killed with SIGKILL midway (a real subprocess, ``tests/kill_worker.py``) resumes when
-  the same command is run again: its per-attack, per-batch progress (default ``<output-dir>/.progress``)
+  the same command is run again: its per-attack, per-batch progress (default ``<output_dir>/.progress``)
   is reloaded, finished attacks are not re-run, and the final numbers are identical to an uninterrupted
   run's; ``--no-resume`` keeps no progress.
 """
@@ -122,4 +122,4 @@ def test_same_seed_same_results_across_processes(model_dir, reference, tmp_path,
 def test_no_resume_and_resume_dir_exclude_each_other(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(command(model_dir, tmp_path / "x", "--no-resume", "--resume-dir", str(tmp_path / "p")))
-    assert "--no-resume and --resume-dir exclude each other" in capsys.readouterr().err
+    assert "--no_resume and --resume_dir exclude each other" in capsys.readouterr().err

@@ -177,7 +177,7 @@ BAD_INPUTS = [
     ("cli unknown norm", lambda t: _evaluate_cli(t, "--norm", "L1"), r"--norm: invalid choice: 'L1' \(choose from 'Linf', 'L2'\)"),
     ("cli unwritable output dir", lambda t: cli_main(
         ["evaluate", "--model", str(t / "none"), "--dataset", "fashion_mnist", "--output-dir", _not_a_dir(t)]),
-     r"--output-dir .* is not a writable directory"),
+     r"--output_dir .* is not a writable directory"),
 ]
 
 

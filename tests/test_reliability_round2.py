@@ -430,7 +430,7 @@ def test_a_full_disk_gives_one_line_and_keeps_the_previous_file(tmp_path, capsys
         cli_main(["card", str(directory), "--repo-id", "me/other"])
     err = capsys.readouterr().err
     assert exit_.value.code == 1
-    assert re.fullmatch(r"hf-csr card: error: No space left on device.*free some space.*--log-level DEBUG for the traceback\)\n", err)
+    assert re.fullmatch(r"hf-csr card: error: No space left on device.*free some space.*--log_level debug for the traceback\)\n", err)
     assert (directory / "README.md").read_bytes() == before
     assert not list(directory.glob(".README.md.*"))
 
@@ -444,7 +444,7 @@ def test_an_unexpected_exception_is_one_line_with_a_debug_hint(tmp_path, capsys,
         cli_main(["card", str(tmp_path)])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert "unexpected RuntimeError: something deep went wrong (rerun with --log-level DEBUG for the traceback)" in err
+    assert "unexpected RuntimeError: something deep went wrong (rerun with --log_level debug for the traceback)" in err
     with caplog.at_level("ERROR", logger="hf_csr.cli"), pytest.raises(SystemExit):
         cli_main(["--log-level", "DEBUG", "card", str(tmp_path)])
     assert "Traceback (most recent call last)" in caplog.text and "something deep went wrong" in caplog.text
