@@ -102,7 +102,7 @@ def test_help_states_the_input_convention(capsys):
     with pytest.raises(SystemExit):
         main(["evaluate", "--help"])
     text = capsys.readouterr().out
-    assert "[0, 1]" in text and "normalises them itself" in text and "--train-dataset" in text
+    assert "[0, 1]" in text and "normalises them itself" in text and "--train_dataset" in text
 
 
 def test_recipe_is_a_thin_wrapper(monkeypatch, capsys):
