@@ -223,7 +223,7 @@ ROUND2 = [
     ("3 settings", "model threat_model Linf eps 8", lambda t: tiny_model(threat_model={"norm": "Linf", "eps": 8}),
      r"threat_model\['eps'\] = 8 exceeds 1 for Linf"),
     ("3 settings", "convert --threat-model Linf:8", lambda t: cli_main(
-        ["convert", str(t / "none.pt"), str(t / "out"), "--threat-model", "Linf:8"]), r"--threat-model eps = 8 exceeds 1 for Linf"),
+        ["convert", str(t / "none.pt"), str(t / "out"), "--threat-model", "Linf:8"]), r"--threat_model eps = 8 exceeds 1 for Linf"),
     ("3 settings", "evaluate --eps 8 without --norm", lambda t: evaluate_cli(t, "--eps", "8", model=saved_model(t)),
      r"--eps = 8 exceeds 1 for Linf"),
     ("3 settings", "YAML list for a float", lambda t: parse_recipe(t, config="learning_rate: [0.1, 0.01]\n"),
