@@ -144,7 +144,7 @@ def parse_args(
     None, and a config whose ``recipe:`` key names another recipe is refused. ``prog``: the program name
     in ``--help`` and errors (default: the script's name)."""
     from .arguments import DefaultsHelpFormatter
-    from .recipes import check_recipe, recipe_defaults
+    from .recipes import RECIPES, check_recipe, recipe_defaults
 
     argv = list(sys.argv[1:] if argv is None else argv)
     pre = argparse.ArgumentParser(add_help=False)
@@ -166,6 +166,7 @@ def parse_args(
     flags_class = fairness_flags_dataclass()
     parser = HfArgumentParser((ExperimentArguments, CSRTrainingArguments, flags_class), prog=prog,
                               usage="%(prog)s [-h] [--config YAML] [--SETTING VALUE ...]",
+                              description=f"The recipe {recipe}: {RECIPES[recipe][0]}." if recipe else None,
                               formatter_class=DefaultsHelpFormatter)
     groups = [[f.name for f in fields(dc) if f.init] for dc in (ExperimentArguments, CSRTrainingArguments, flags_class)]
     valid = {name for group in groups for name in group}
