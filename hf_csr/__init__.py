@@ -42,11 +42,20 @@ __getattr__, __dir__ = _lazy_exports(__name__, _EXPORTS)
 
 
 def _started_as_command() -> bool:
-    """True when this import is the start of the ``hf-csr`` script, or of ``python -m hf_csr.<module>``
-    (while Python locates the module of ``-m``, ``sys.argv[0]`` is ``"-m"``: the package is imported as the
-    parent of the module about to run, which imports what it needs)."""
-    argv0 = _sys.argv[0] if _sys.argv else ""
-    return argv0 == "-m" or _os.path.splitext(_os.path.basename(argv0))[0] == "hf-csr"
+    """True when this import starts the ``hf-csr`` script, or ``python -m hf_csr.<module>`` (while Python
+    locates the module of ``-m``, ``sys.argv[0]`` is ``"-m"``, and ``sys.orig_argv`` names the module: the
+    package is imported as the parent of the module about to run, which imports what it needs)."""
+    argv0 = (getattr(_sys, "argv", None) or [""])[0]
+    if _os.path.splitext(_os.path.basename(argv0))[0] == "hf-csr":
+        return True
+    if argv0 != "-m":
+        return False
+    original = list(getattr(_sys, "orig_argv", []))
+    for index, arg in enumerate(original[1:], start=1):
+        if arg.startswith("-m"):
+            module = arg[2:] or (original[index + 1] if index + 1 < len(original) else "")
+            return module == __name__ or module.startswith(__name__ + ".")
+    return False
 
 
 if not _started_as_command():

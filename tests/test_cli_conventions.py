@@ -48,6 +48,19 @@ print("ok")
 
 
 @pytest.mark.subprocess
+def test_a_package_run_with_dash_m_that_imports_hf_csr_gets_the_registration(tmp_path):
+    """Only hf_csr's own ``-m`` modules (and the hf-csr script) defer the registration."""
+    package = tmp_path / "user_pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("import hf_csr\n")
+    (package / "probe.py").write_text("import timm\nprint('preact_resnet18' in timm.list_models('preact*'))\n")
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{tmp_path}", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "user_pkg.probe"], capture_output=True, text=True, timeout=300,
+                            cwd=tmp_path, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr[-2000:]
+
+
+@pytest.mark.subprocess
 @pytest.mark.parametrize("command", ("",) + COMMANDS)
 def test_help_imports_no_torch(command):
     """``python -m hf_csr.cli [COMMAND] --help``, the real command; ``-X importtime`` lists every import."""
