@@ -23,17 +23,17 @@ import timm
 import torch
 import yaml
 from accelerate import PartialState
-from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
+from transformers import AutoModelForImageClassification, HfArgumentParser, TrainerCallback, set_seed
 
 from .configuration import CSRTrainingArguments
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
-from .utils import atomic_write_json, launched_processes
+from .utils import atomic_write_json, launched_processes, process_log_level, setup_console_logging
 from .validation import check_attack_list
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary",
-           "check_launch"]
+           "check_launch", "FinalEvaluationFollows"]
 
 logger = logging.getLogger(__name__)
 
@@ -439,6 +439,26 @@ def training_summary(training: CSRTrainingArguments, method=None) -> Dict[str, A
 
 
 # --------------------------------------------------------------------------- the run
+class FinalEvaluationFollows(TrainerCallback):
+    """The run evaluates once at the end: drop the Trainer's own evaluation of the last step.
+
+    With ``eval_strategy`` ``epoch`` or ``steps`` the Trainer evaluates at the last step (``eval_attacks`` on the
+    eval set) just before :func:`run`'s final evaluation of the same set (``final_eval_attacks``, written to
+    ``results.json``): the same work twice. The evaluations during training are kept; so is the last one when
+    it chooses a checkpoint (``metric_for_best_model`` / ``load_best_model_at_end``)."""
+
+    def _drop_last(self, args, state, control):
+        if state.max_steps > 0 and state.global_step >= state.max_steps and args.metric_for_best_model is None:
+            control.should_evaluate = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._drop_last(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._drop_last(args, state, control)
+
+
 def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict[str, Any]:
     """Train, save, evaluate (results.json, plots, table), write the card, push if asked."""
     check_launch(training)
@@ -450,6 +470,7 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
     check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    trainer.add_callback(FinalEvaluationFollows())
     resume = training.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         from transformers.trainer_utils import get_last_checkpoint
@@ -474,7 +495,7 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
     traceback only with ``--log_level debug``); 143 when SIGTERM stopped the run after its checkpoint."""
     from .cli import run_reporting_errors
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console_logging(logging.INFO)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("--log_level=debug", "--log-level=debug") for a in argv) or any(
         a in ("--log_level", "--log-level") and i + 1 < len(argv) and argv[i + 1].lower() == "debug"
@@ -484,6 +505,7 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
 
 def _main(defaults: Optional[Mapping[str, Any]], argv: Sequence[str]) -> int:
     experiment, training = parse_args(argv, defaults)
+    setup_console_logging(process_log_level(training))  # INFO on the main process, WARNING on the others
     results = run(experiment, training)  # run() checks the launch first
     atomic_write_json(os.path.join(training.output_dir, "run_summary.json"),
                       {"experiment": asdict(experiment), "training": results.get("training_summary") or training_summary(training),
