@@ -460,7 +460,11 @@ class FinalEvaluationFollows(TrainerCallback):
 
 
 def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict[str, Any]:
-    """Train, save, evaluate (results.json, plots, table), write the card, push if asked."""
+    """Train, save, evaluate once (results.json, plots, table), write the card, push if asked.
+
+    Returns the final evaluation's results (``results.json``'s content) and ``training_summary``. With an
+    ``eval_strategy``, the evaluations during training stay; the one of the last step is left to the final
+    evaluation (:class:`FinalEvaluationFollows`)."""
     check_launch(training)
     # Seed before the model exists: a from-scratch backbone's initial weights come from the global RNG,
     # and the same seed must give the same run (the Trainer only seeds once the model is built).
