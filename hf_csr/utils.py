@@ -293,13 +293,15 @@ def set_library_log_level(level: int) -> None:
 
 def setup_console_logging(level: int = logging.INFO) -> None:
     """An application's console (the recipes, ``hf-csr``): timestamped lines at ``level`` on stderr, and no
-    line per HTTP request (``httpx``/``httpcore`` at WARNING unless ``level`` is DEBUG)."""
+    line per HTTP request (``httpx``/``httpcore`` at WARNING). DEBUG applies to hf_csr's own loggers; the
+    other libraries stay at INFO (their DEBUG lines -- fonts, image plugins, connections -- would drown it)."""
     logging.basicConfig(level=level, format=_LOG_FORMAT)
-    logging.getLogger().setLevel(level)
+    logging.getLogger().setLevel(max(level, logging.INFO))
+    set_library_log_level(level)
     quiet_http_logging(level)
 
 
 def quiet_http_logging(level: int = logging.INFO) -> None:
-    """No line per HTTP request: ``httpx``/``httpcore`` at WARNING (unless ``level`` is DEBUG)."""
+    """No line per HTTP request: ``httpx``/``httpcore`` at WARNING (or ``level`` when higher)."""
     for name in _CHATTY_LOGGERS:
-        logging.getLogger(name).setLevel(level if level <= logging.DEBUG else max(level, logging.WARNING))
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))
