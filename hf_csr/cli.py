@@ -163,8 +163,9 @@ def _check_common_arguments(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=getattr(logging, args.log_level.upper()),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from .utils import setup_console_logging  # after parsing: --help loads no torch
+
+    setup_console_logging(getattr(logging, args.log_level.upper()))
 
     def call() -> int:
         _check_common_arguments(args)

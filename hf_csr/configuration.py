@@ -137,6 +137,11 @@ class CSRTrainingArguments(TrainingArguments):
         self._validate_inherited_fields()
         self._validate_csr_fields()
         super().__post_init__()
+        import torch
+
+        if self.dataloader_pin_memory and not torch.accelerator.is_available():
+            # No GPU (or other accelerator): pinned memory has no use, and torch would warn at every DataLoader.
+            self.dataloader_pin_memory = False
 
     def _validate_inherited_fields(self) -> None:
         """The Trainer's own settings that would otherwise reach training: a NaN learning rate trains a NaN

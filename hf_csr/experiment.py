@@ -23,17 +23,17 @@ import timm
 import torch
 import yaml
 from accelerate import PartialState
-from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
+from transformers import AutoModelForImageClassification, HfArgumentParser, TrainerCallback, set_seed
 
 from .configuration import CSRTrainingArguments
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
-from .utils import atomic_write_json, launched_processes
+from .utils import atomic_write_json, launched_processes, process_log_level, setup_console_logging
 from .validation import check_attack_list
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "run_recipe",
-           "training_summary", "check_launch"]
+           "training_summary", "check_launch", "FinalEvaluationFollows"]
 
 logger = logging.getLogger(__name__)
 
@@ -496,8 +496,32 @@ def training_summary(training: CSRTrainingArguments, method=None) -> Dict[str, A
 
 
 # --------------------------------------------------------------------------- the run
+class FinalEvaluationFollows(TrainerCallback):
+    """The run evaluates once at the end: drop the Trainer's own evaluation of the last step.
+
+    With ``eval_strategy`` ``epoch`` or ``steps`` the Trainer evaluates at the last step (``eval_attacks`` on the
+    eval set) just before :func:`run`'s final evaluation of the same set (``final_eval_attacks``, written to
+    ``results.json``): the same work twice. The evaluations during training are kept; so is the last one when
+    it chooses a checkpoint (``metric_for_best_model`` / ``load_best_model_at_end``)."""
+
+    def _drop_last(self, args, state, control):
+        if state.max_steps > 0 and state.global_step >= state.max_steps and args.metric_for_best_model is None:
+            control.should_evaluate = False
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._drop_last(args, state, control)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        return self._drop_last(args, state, control)
+
+
 def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict[str, Any]:
-    """Train, save, evaluate (results.json, plots, table), write the card, push if asked."""
+    """Train, save, evaluate once (results.json, plots, table), write the card, push if asked.
+
+    Returns the final evaluation's results (``results.json``'s content) and ``training_summary``. With an
+    ``eval_strategy``, the evaluations during training stay; the one of the last step is left to the final
+    evaluation (:class:`FinalEvaluationFollows`)."""
     check_launch(training)
     # Seed before the model exists: a from-scratch backbone's initial weights come from the global RNG,
     # and the same seed must give the same run (the Trainer only seeds once the model is built).
@@ -507,6 +531,7 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
     check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
+    trainer.add_callback(FinalEvaluationFollows())
     resume = training.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         from transformers.trainer_utils import get_last_checkpoint
@@ -533,7 +558,7 @@ def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[s
     ``recipe``: a name of :data:`hf_csr.recipes.RECIPES`, whose defaults apply when ``defaults`` is None."""
     from .cli import run_reporting_errors
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_console_logging(logging.INFO)
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = any(a.lower() in ("--log_level=debug", "--log-level=debug") for a in argv) or any(
         a in ("--log_level", "--log-level") and i + 1 < len(argv) and argv[i + 1].lower() == "debug"
@@ -551,6 +576,7 @@ def run_recipe(recipe: str, argv: Optional[Sequence[str]] = None, prog: Optional
 def _main(defaults: Optional[Mapping[str, Any]], argv: Sequence[str], recipe: Optional[str] = None,
           prog: Optional[str] = None) -> int:
     experiment, training = parse_args(argv, defaults, recipe=recipe, prog=prog)
+    setup_console_logging(process_log_level(training))  # INFO on the main process, WARNING on the others
     results = run(experiment, training)  # run() checks the launch first
     atomic_write_json(os.path.join(training.output_dir, "run_summary.json"),
                       {"experiment": asdict(experiment), "training": results.get("training_summary") or training_summary(training),

@@ -7,15 +7,15 @@ side-by-side table (average and worst class) with where the checkpoints, logs an
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 from typing import Any, Dict, List, Optional
 
-from .experiment import ExperimentArguments, parse_args, run
+from .experiment import parse_args, run
+from .utils import quiet_http_logging
 
-__all__ = ["QUICKSTART_SETTINGS", "run_quickstart", "format_comparison"]
+__all__ = ["QUICKSTART_SETTINGS", "run_quickstart", "format_comparison", "attack_label"]
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,7 @@ RUNS = {
 def run_quickstart(output_dir: str = "outputs/quickstart", overrides: Optional[List[str]] = None) -> Dict[str, Any]:
     """Run both trainings; returns ``{run: results}`` (the evaluation's results.json of each)."""
     results, timings = {}, {}
+    quiet_http_logging(logging.getLogger().getEffectiveLevel())  # no line per HTTP request
     for name, settings in RUNS.items():
         defaults = {**QUICKSTART_SETTINGS, **settings, "output_dir": os.path.join(output_dir, name)}
         experiment, training = parse_args(list(overrides or []), defaults)
@@ -62,28 +63,46 @@ def run_quickstart(output_dir: str = "outputs/quickstart", overrides: Optional[L
     return summary
 
 
+def attack_label(attack: str) -> str:
+    """How the table names an attack: ``pgd20`` -> ``PGD-20``, ``cw20`` -> ``CW-20``, ``autoattack`` -> ``AutoAttack``."""
+    for prefix, name in (("pgd", "PGD"), ("cw", "CW")):
+        if attack.startswith(prefix) and attack[len(prefix):].isdigit():
+            return f"{name}-{attack[len(prefix):]}"
+    return {"autoattack": "AutoAttack", "worst_of_all": "worst of all"}.get(attack, attack)
+
+
+def _attacks(results: Dict[str, Any]) -> List[str]:
+    """The attacks every run evaluated, in evaluation order; ``worst_of_all`` only when it differs from
+    the single attack (two or more attacks besides ``clean``)."""
+    runs = list(results.values())
+    attacks = [a for a in runs[0]["attacks"] if all(a in run["attacks"] for run in runs)]
+    if len([a for a in attacks if a not in ("clean", "worst_of_all")]) < 2:
+        attacks = [a for a in attacks if a != "worst_of_all"]
+    return attacks
+
+
 def _row(label: str, entry: Dict[str, Any]) -> List[str]:
     return [label, f"{100 * entry['accuracy']:.1f}", f"{100 * entry['worst_class']['accuracy']:.1f}",
             str(entry["worst_class"]["name"])]
 
 
 def format_comparison(summary: Dict[str, Any]) -> str:
-    """The side-by-side table: per run and attack, average and worst class, then per class."""
+    """The side-by-side table: per run and evaluated attack, average and worst class, then per class."""
     results = summary["results"]
     names = list(results)
+    attacks = _attacks(results)
     lines = ["| run | attack | average (%) | worst class (%) | worst class |", "|---|---|---|---|---|"]
     for name in names:
-        for attack in ("clean", "pgd20"):
-            entry = results[name]["attacks"][attack]
-            cells = _row(attack, entry)
+        for attack in attacks:
+            cells = _row(attack_label(attack), results[name]["attacks"][attack])
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     class_names = results[names[0]]["class_names"]
-    header = "| class | " + " | ".join(f"{n} clean | {n} PGD-20" for n in names) + " |"
-    lines += ["", header, "|---|" + "---|---|" * len(names)]
+    header = "| class | " + " | ".join(f"{n} {attack_label(a)}" for n in names for a in attacks) + " |"
+    lines += ["", header, "|---|" + "---|" * (len(names) * len(attacks))]
     for index, cls in enumerate(class_names):
         cells = []
         for name in names:
-            for attack in ("clean", "pgd20"):
+            for attack in attacks:
                 cells.append(f"{100 * results[name]['attacks'][attack]['per_class_accuracy'][index]:.1f}")
         lines.append(f"| {cls} | " + " | ".join(cells) + " |")
     lines.append("")

@@ -216,7 +216,8 @@ def attach(trainer) -> None:
 
 # --------------------------------------------------------------------------- before training
 def logged_metric_names(attacks, prefixes: List[str], class_names: List[str]) -> List[str]:
-    """The metric names ``CSRTrainer.evaluate()`` logs for ``attacks`` (see ``_flatten_report``)."""
+    """The metric names ``CSRTrainer.evaluate()`` returns for ``attacks`` (see ``_flatten_report``; all but the
+    per-class ones are also logged), which ``metric_for_best_model`` may name."""
     from .evaluation.specs import WORST_OF_ALL, parse_attacks
 
     configs = parse_attacks(attacks)

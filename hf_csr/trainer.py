@@ -21,6 +21,7 @@ leaves a half-written ``checkpoint-N`` behind.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -45,13 +46,17 @@ from .fairness.context import FairnessContext
 from .fairness.registry import get_fairness_method
 from . import safety
 from .regularizer import BatchStatistics, confusion_counts
-from .utils import as_logits, check_pixel_values, derived_seed, ensure_writable_dir, inputs_prevalidated
+from .models import RobustImageClassifier
+from .utils import (apply_umask, as_logits, atomic_write_text, check_pixel_values, derived_seed, ensure_writable_dir,
+                    inputs_prevalidated, process_log_level, set_library_log_level)
 
 __all__ = ["CSRTrainer", "CSR_STATE_NAME", "validate_training_data"]
 
 logger = logging.getLogger(__name__)
 
 CSR_STATE_NAME = "csr_state.pt"
+#: Per-class accuracies of the evaluations during training, one JSON object per line (the logs keep the averages).
+EVAL_PER_CLASS_NAME = "eval_per_class.jsonl"
 _STAGING_DIR = ".incomplete"
 
 
@@ -88,6 +93,16 @@ def validate_training_data(dataset: Optional[Dataset], num_classes: int, name: s
         sample = torch.as_tensor(dataset[0]["pixel_values"])
         if sample.is_floating_point():
             check_pixel_values(sample[None], name=f"{name} images")
+
+
+def _apply_log_levels(args: CSRTrainingArguments) -> None:
+    """hf_csr's loggers follow ``log_level`` / ``log_level_replica`` as transformers' do: INFO on the main
+    process (unless the application chose another level for ``hf_csr``), WARNING on the others."""
+    library = logging.getLogger(__name__.split(".")[0])
+    if args.should_log and str(args.log_level).lower() == "passive" and library.level != logging.NOTSET:
+        set_library_log_level(library.level)  # the application's choice stays
+    else:
+        set_library_log_level(process_log_level(args))
 
 
 class _CSRCallback(TrainerCallback):
@@ -163,6 +178,11 @@ class CSRTrainer(Trainer):
             # Augmentation happens in compute_loss, on the device, from step-keyed generators.
             data_collator = RobustImageCollator(augment=False)
         self.num_classes = self._resolve_num_classes(model, num_classes)
+        _apply_log_levels(args)
+        if args.ddp_find_unused_parameters is None and isinstance(model, RobustImageClassifier):
+            # Every parameter of an hf_csr classifier takes part in each forward pass: DDP need not search the
+            # graph for unused ones (transformers' default for a PreTrainedModel would, and warn at each run).
+            args.ddp_find_unused_parameters = False
         if args.should_save:
             # not after hours of training, at the first checkpoint
             ensure_writable_dir(args.output_dir, "output_dir",
@@ -523,6 +543,7 @@ class CSRTrainer(Trainer):
             self._staging_root = None
         if self.args.should_save:
             torch.save(self.csr_state_dict(), os.path.join(staged, CSR_STATE_NAME))
+            apply_umask(staged)  # safetensors writes 0600: the checkpoint gets the user's umask
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
             if os.path.exists(final):
@@ -561,6 +582,7 @@ class CSRTrainer(Trainer):
         super().save_model(staged, _internal_call=True)  # the base class must not push the half-moved folder
         self.accelerator.wait_for_everyone()
         if self.args.should_save:
+            apply_umask(staged)  # safetensors writes 0600: the files get the user's umask
             for entry in sorted(os.listdir(staged)):
                 os.replace(os.path.join(staged, entry), os.path.join(output_dir, entry))
             shutil.rmtree(staged, ignore_errors=True)
@@ -711,8 +733,10 @@ class CSRTrainer(Trainer):
         """Clean and adversarial accuracy per class, average and worst class (``args.eval_attacks``).
 
         Runs :func:`hf_csr.evaluation.evaluate_robustness` sharded across the processes (each attacks its
-        share; the outcomes are gathered) and logs ``{prefix}_{attack}_accuracy``, ``_worst_class_accuracy``, ``_spectral_norm`` and
-        ``{prefix}_{attack}_class/{name}``; the full report is kept as ``trainer.last_evaluation``."""
+        share; the outcomes are gathered). Returns ``{prefix}_{attack}_accuracy``, ``_worst_class_accuracy``,
+        ``_spectral_norm`` and ``{prefix}_{attack}_class/{name}``; only the aggregate numbers are logged (progress
+        bar, ``log_history``, integrations), the per-class ones go to the logger at INFO and to
+        ``<output_dir>/eval_per_class.jsonl``. The full report is kept as ``trainer.last_evaluation``."""
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if dataset is None:
             raise ValueError("evaluate() needs an eval_dataset (pass it to CSRTrainer or to evaluate()).")
@@ -724,9 +748,33 @@ class CSRTrainer(Trainer):
         report = self.robustness_report(dataset, self.args.eval_attacks, limit=self.args.eval_max_examples)
         metrics = _flatten_report(report.to_dict(), metric_key_prefix) if report is not None else {}
         metrics = self._broadcast(metrics)
-        self.log(metrics)
+        if report is not None:
+            self._record_per_class(metrics, metric_key_prefix)
+        # the progress bar, log_history and the integrations get the aggregate numbers only
+        self.log({key: value for key, value in metrics.items() if not _is_per_class_key(key)})
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
+
+    def _record_per_class(self, metrics: Dict[str, float], prefix: str) -> None:
+        """The per-class accuracies of an evaluation (main process): one INFO line per attack, and a line
+        of ``<output_dir>/eval_per_class.jsonl`` (step, epoch and the per-class metrics) when saving."""
+        per_class = {key: value for key, value in metrics.items() if _is_per_class_key(key)}
+        if not per_class or not self.is_world_process_zero():
+            return
+        by_attack: Dict[str, List[str]] = defaultdict(list)
+        for key, value in per_class.items():
+            attack, name = key.split("_class/", 1)
+            by_attack[attack].append(f"{name} {value:.4f}")
+        for attack, cells in by_attack.items():
+            logger.info("step %d, %s accuracy per class: %s", self.state.global_step, attack, ", ".join(cells))
+        if self.args.should_save:
+            path = os.path.join(self.args.output_dir, EVAL_PER_CLASS_NAME)
+            line = json.dumps({"step": self.state.global_step, "epoch": self.state.epoch, **per_class})
+            previous = ""
+            if os.path.isfile(path):
+                with open(path, encoding="utf-8") as handle:
+                    previous = handle.read()
+            atomic_write_text(path, previous + line + "\n")
 
     def robustness_report(self, dataset: Dataset, attacks, *, limit: Optional[int] = None, batch_size: Optional[int] = None):
         """The class-wise robustness report of the current model on ``dataset`` (main process; None elsewhere).
@@ -801,6 +849,10 @@ class CSRTrainer(Trainer):
         box = [value]
         broadcast_object_list(box, from_process=0)
         return box[0]
+
+
+def _is_per_class_key(key: str) -> bool:
+    return "_class/" in key
 
 
 def _flatten_report(results: Dict[str, Any], prefix: str) -> Dict[str, float]:

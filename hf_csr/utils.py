@@ -6,8 +6,10 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import math
 import os
+import sys
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -26,8 +28,13 @@ __all__ = [
     "atomic_write_text",
     "atomic_write_json",
     "atomic_save",
+    "apply_umask",
     "derived_seed",
     "ensure_writable_dir",
+    "process_log_level",
+    "set_library_log_level",
+    "setup_console_logging",
+    "quiet_http_logging",
 ]
 
 _INPUT_CHECKS = contextvars.ContextVar("hf_csr_input_checks", default=True)
@@ -134,14 +141,32 @@ def as_logits(output: Any) -> torch.Tensor:
     return logits
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
+    """The process's umask, read at each call (it can change while the process runs)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:  # Linux: read without changing it
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
 
 
-# mkstemp creates 0600 files; the final file gets the permissions open() would give it.
-_FILE_MODE = 0o666 & ~_current_umask()
+def apply_umask(*paths: Union[str, Path]) -> None:
+    """Give files the permissions ``open()`` would have given them (``0o666 & ~umask``).
+
+    Writers that go through a temporary file (``tempfile.mkstemp``, safetensors' ``save_file``) create it
+    with mode 0600; the final file should be readable as any other file the user writes. A directory
+    applies to every file under it (for folders written in full just before, e.g. a staged checkpoint)."""
+    mode = 0o666 & ~current_umask()
+    for path in paths:
+        path = Path(path)
+        files = [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()] if path.is_dir() else [path]
+        for file in files:
+            os.chmod(file, mode)
 
 
 def _atomic_replace(path: Path, write) -> None:
@@ -149,7 +174,7 @@ def _atomic_replace(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
     try:
-        os.chmod(tmp, _FILE_MODE)
+        apply_umask(tmp)  # mkstemp creates 0600; the file gets what open() would give it
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             handle.flush()
@@ -224,3 +249,59 @@ def ensure_writable_dir(path: Union[str, Path], name: str, hint: str = "") -> Pa
     except OSError as error:
         raise ValueError(f"{name} {str(directory)!r} is not a writable directory ({error}).{hint}") from error
     return directory
+
+
+# --------------------------------------------------------------------------- console
+_LOG_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+               "critical": logging.CRITICAL}
+#: Libraries that log every HTTP request at INFO (huggingface_hub's client): kept at WARNING.
+_CHATTY_LOGGERS = ("httpx", "httpcore")
+_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def process_log_level(args: Any) -> int:
+    """The log level of this process for training arguments ``args``, as transformers sets its own logger's:
+    ``args.log_level`` on the main process (INFO when ``passive``: hf_csr's INFO lines are the run's report),
+    ``args.log_level_replica`` on the other processes (WARNING when ``passive``), so that every line appears
+    once and the replicas speak up only for warnings. The main process is the one with ``args.should_log``
+    (the first process, or each node's first with ``log_on_each_node``)."""
+    if args.should_log:
+        return _LOG_LEVELS.get(str(args.log_level).lower(), logging.INFO)
+    return _LOG_LEVELS.get(str(args.log_level_replica).lower(), logging.WARNING)
+
+
+class _UntilConfiguredHandler(logging.StreamHandler):
+    """Shows hf_csr's records on stderr while the application has not configured logging (the root logger
+    has no handler, e.g. a plain Python session); once it has, the root handlers show them (no duplicates)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if logging.getLogger().handlers:
+            return
+        self.setStream(sys.stderr)
+        super().emit(record)
+
+
+def set_library_log_level(level: int) -> None:
+    """Set the level of the ``hf_csr`` loggers (and make sure its records are shown somewhere)."""
+    library = logging.getLogger(__name__.split(".")[0])
+    library.setLevel(level)
+    if not any(isinstance(handler, _UntilConfiguredHandler) for handler in library.handlers):
+        handler = _UntilConfiguredHandler()
+        handler.setFormatter(logging.Formatter(_LOG_FORMAT))
+        library.addHandler(handler)
+
+
+def setup_console_logging(level: int = logging.INFO) -> None:
+    """An application's console (the recipes, ``hf-csr``): timestamped lines at ``level`` on stderr, and no
+    line per HTTP request (``httpx``/``httpcore`` at WARNING). DEBUG applies to hf_csr's own loggers; the
+    other libraries stay at INFO (their DEBUG lines -- fonts, image plugins, connections -- would drown it)."""
+    logging.basicConfig(level=level, format=_LOG_FORMAT)
+    logging.getLogger().setLevel(max(level, logging.INFO))
+    set_library_log_level(level)
+    quiet_http_logging(level)
+
+
+def quiet_http_logging(level: int = logging.INFO) -> None:
+    """No line per HTTP request: ``httpx``/``httpcore`` at WARNING (or ``level`` when higher)."""
+    for name in _CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(max(level, logging.WARNING))

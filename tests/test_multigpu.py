@@ -74,6 +74,11 @@ def _check_two_process_run(output: str, out: Path) -> None:
     assert "Total train batch size (w. parallel, distributed & accumulation) = 16" in output, output[-3000:]
     assert "Total optimization steps = 4" in output, output[-3000:]
     assert (out / "results.json").exists() and (out / "model.safetensors").exists()
+    # The console: each INFO line once (the main process logs INFO, the other at WARNING, as transformers'
+    # log_level_replica), and no warning the user cannot act on.
+    assert output.count("INFO hf_csr.evaluation.robustness: clean: accuracy") == 1, output[-3000:]
+    assert output.count("Total optimization steps") == 1, output[-3000:]
+    assert "find_unused_parameters" not in output and "pin_memory" not in output, output[-3000:]
 
 
 @pytest.mark.slow

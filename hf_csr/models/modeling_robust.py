@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import math
 import os
+from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Union
 
 import timm
@@ -40,7 +41,7 @@ from transformers import (
 )
 from transformers.modeling_outputs import ImageClassifierOutput
 
-from ..utils import check_pixel_values, input_checks_enabled
+from ..utils import apply_umask, check_pixel_values, input_checks_enabled
 from .timm_format import TIMM_CONFIG_KEYS, write_timm_hub_files
 
 __all__ = ["RobustClassifierConfig", "RobustImageClassifier", "RobustImageProcessor", "create_robust_classifier",
@@ -265,6 +266,7 @@ class RobustImageClassifier(PreTrainedModel):
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
         result = super().save_pretrained(save_directory, *args, is_main_process=is_main_process, **kwargs)
         if is_main_process:
+            apply_umask(*Path(save_directory).glob("*.safetensors"))  # safetensors writes 0600
             self.image_processor().save_pretrained(save_directory)
             write_timm_hub_files(self, str(save_directory), variant=kwargs.get("variant"))
             if push:  # after the processor and timm files exist (transformers would upload before they are written)

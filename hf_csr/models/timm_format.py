@@ -30,6 +30,8 @@ import timm
 from safetensors.torch import save_file
 from timm.models._hub import save_config_for_hf
 
+from ..utils import apply_umask
+
 __all__ = ["TIMM_CONFIG_KEYS", "TIMM_WEIGHTS_NAME", "timm_hub_config", "write_timm_hub_files", "is_hf_csr_backbone"]
 
 logger = logging.getLogger(__name__)
@@ -127,6 +129,7 @@ def _atomic_write(path: str, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        apply_umask(tmp)  # mkstemp (and safetensors) create 0600
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
