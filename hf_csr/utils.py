@@ -277,7 +277,7 @@ class _UntilConfiguredHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         if logging.getLogger().handlers:
             return
-        self.setStream(sys.stderr)
+        self.stream = sys.stderr  # the current one (not setStream: it flushes the previous, maybe closed, stream)
         super().emit(record)
 
 
