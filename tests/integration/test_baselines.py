@@ -1,5 +1,5 @@
 """Fairness baselines in the trainer: zero strength = the base method, the loss and budgets each method
-makes the trainer use (against the originals' formulas, re-implemented in tests/test_baselines_faithful.py),
+makes the trainer use (against the originals' formulas, re-implemented in tests/unit/test_baselines_faithful.py),
 the epoch updates wired to the validation statistics, held-out splits, checkpoints, the command line, and
 2-process runs equal to 1-process runs."""
 

@@ -1,7 +1,7 @@
 """Evaluation integrity (RELIABILITY.md, item 5).
 
 * the same seed gives identical evaluation results, twice in one process and across processes;
-* ``hf-csr evaluate`` killed with SIGKILL midway (a real subprocess, ``tests/kill_worker.py``) resumes when
+* ``hf-csr evaluate`` killed with SIGKILL midway (a real subprocess, ``tests/support/kill_worker.py``) resumes when
   the same command is run again: its per-attack, per-batch progress (default ``<output-dir>/.progress``)
   is reloaded, finished attacks are not re-run, and the final numbers are identical to an uninterrupted
   run's; ``--no-resume`` keeps no progress.

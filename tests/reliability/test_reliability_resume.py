@@ -1,6 +1,6 @@
 """Kill and resume (RELIABILITY.md, item 1).
 
-A recipe run (``tests/kill_worker.py`` -> ``hf_csr.experiment.main``) is killed with SIGKILL -- at a step,
+A recipe run (``tests/support/kill_worker.py`` -> ``hf_csr.experiment.main``) is killed with SIGKILL -- at a step,
 right after a checkpoint, half-way through writing ``csr_state.pt`` or ``model.safetensors`` of a
 checkpoint, half-way through the final save, or from outside at a random moment -- and rerun with
 ``--resume_from_checkpoint last`` until it finishes. The final weights (``model.safetensors``) and the

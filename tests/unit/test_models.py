@@ -43,7 +43,7 @@ def test_small_variants_are_constructible():
         assert model(x).shape == (2, 7)
 
 
-# ----------------------------------------------------------------------------- reference implementations (tests/reference_models.py)
+# ----------------------------------------------------------------------------- reference implementations (tests/support/reference_models.py)
 @pytest.mark.parametrize("depth, width", [(10, 1), (16, 2)])
 def test_ddpm_layout_matches_reference_implementation(reference, depth, width, tmp_path):
     checkpoint = reference.ddpm_state_dict(depth, width, 10, seed=depth)
