@@ -29,7 +29,7 @@ def make_args(tmp_path, **overrides):
 
 
 @pytest.fixture
-def make_trainer(make_trainer, fmnist, fmnist_model, make_args):
+def make_trainer(fmnist, fmnist_model, make_args):
     def make_trainer(tmp_path, limit=20, validation=None, **overrides):
         torch.manual_seed(0)
         return CSRTrainer(model=fmnist_model("test_tiny_convnet"), args=make_args(tmp_path, **overrides),
@@ -38,7 +38,7 @@ def make_trainer(make_trainer, fmnist, fmnist_model, make_args):
 
 
 @pytest.fixture
-def one_step(one_step, make_trainer):
+def one_step(make_trainer):
     def one_step(tmp_path, steps=1, validation=None, **overrides):
         # 20 examples, 2 per class: the single batch is class-balanced.
         trainer = make_trainer(tmp_path, validation=validation, max_steps=steps, **overrides)

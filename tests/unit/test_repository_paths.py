@@ -8,12 +8,12 @@ is broken in every other clone. The scan reads every tracked text file and fails
   repository root (from the Markdown file's own folder, as a renderer resolves it);
 * a path token that climbs with ``../`` out of the repository, read from the file's folder, or read from the
   repository root (where the commands and scripts run) unless it names a file from the file's folder;
-* ``Path(__file__)`` climbing above the root (``.parents[N]`` or ``.parent`` chains) and ``REPO.parent``-style
-  steps out of the root variable;
+* ``Path(__file__)`` climbing above the root (``.parents[N]`` or ``.parent`` chains), and the parent of
+  the root variable (``REPO``, ``REPO_ROOT``, ``ROOT``);
 * an absolute path into a machine's own folders (``/work/``, ``/home/``, ``/root/``, ``/Users/``, ``/tmp/`` ...).
 
-URLs are not paths. Deliberately hostile inputs of the reliability tests (a repo id ``../../etc/passwd``
-that must be refused) are listed in ``HOSTILE_INPUTS``, file by file.
+URLs are not paths. Deliberately hostile inputs of the tests (a repo id that climbs out of the folder and
+must be refused) are listed in ``HOSTILE_INPUTS``, file by file.
 """
 
 import os
@@ -145,7 +145,7 @@ def _write(root, files):
     ("tests/test_x.py", "SUITE = '" + UP + UP + UP + "shared/run.sh'\n"),
     ("tests/test_x.py", "ROOT = Path(__file__).resolve().parents[2]\n"),
     ("tests/test_x.py", "ROOT = Path(__file__).parent.parent.parent\n"),
-    ("tests/test_x.py", "SUITE = REPO_ROOT.parent / 'shared'\n"),
+    ("tests/test_x.py", "SUITE = REPO_ROOT" + ".parent / 'shared'\n"),
     ("setup.cfg", "cache = /work/" + "cache/x\n"),
     ("docs/guide.md", "Copied from /home/" + "someone/project.\n"),
 ])
