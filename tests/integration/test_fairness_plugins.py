@@ -181,6 +181,27 @@ def test_an_unregistered_method_is_rejected_by_name(counting):
     assert "clash" not in FAIRNESS_REGISTRY
 
 
+def test_reserved_setting_names_are_checked_whichever_comes_first():
+    """The registry does not import the training arguments: they reserve their field names, and a clash is found
+    whether the method or the reservation comes first."""
+    from hf_csr.fairness.registry import reserve_setting_names
+
+    @dataclass
+    class Early(FairnessConfig):
+        knob: float = field(default=1.0, metadata={"help": "x", "flag": "reserved_later_knob"})
+
+    register_fairness_method("early_method")(type("EarlyMethod", (FairnessMethod,), {"config_class": Early}))
+    try:
+        with pytest.raises(ValueError, match=r"'early_method': setting\(s\) \['reserved_later_knob'\] collide with Owner"):
+            reserve_setting_names({"reserved_later_knob"}, "Owner")
+    finally:
+        FAIRNESS_REGISTRY.pop("early_method")
+    reserve_setting_names({"reserved_later_knob"}, "Owner")  # a name no real setting uses: it may stay reserved
+    with pytest.raises(ValueError, match="collide with Owner fields"):
+        register_fairness_method("late_method")(type("LateMethod", (FairnessMethod,), {"config_class": Early}))
+    assert "late_method" not in FAIRNESS_REGISTRY
+
+
 # --------------------------------------------------------------------------- a user's method end to end
 def test_a_registered_method_trains_resumes_identically_and_reaches_the_card(train, StopAt, assert_same_weights, fmnist, weights, tmp_path, counting):
     assert "counting" in available_fairness_methods()
