@@ -262,3 +262,28 @@ def test_checker_resolves_relative_imports():
 @pytest.mark.parametrize("module", ["hf_csr", "hf_csr.baselines"])
 def test_the_shims_are_exempt(module):
     assert not _check({module + "/": "from .trainer import CSRTrainer\nfrom .experiment import main\n"})
+
+
+# ----------------------------------------------------------------------------- the test suite's own rule
+def cross_module_imports(source):
+    """Imports of other test code in a test module's ``source``: relative imports and ``tests.*``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and (node.level > 0 or (node.module or "").split(".")[0] == "tests"):
+            found.append(("." * node.level) + (node.module or ""))
+        elif isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names if alias.name.split(".")[0] == "tests"]
+    return found
+
+
+def test_test_modules_share_code_through_fixtures_only():
+    """tests/conftest.py (and a folder's conftest.py) hands shared helpers to the tests as fixtures; a test module
+    imports neither another test module nor tests/support (only conftest files and the subprocess workers do)."""
+    offenders = {}
+    for path in sorted((ROOT / "tests").rglob("test_*.py")):
+        found = cross_module_imports(path.read_text())
+        if found:
+            offenders[str(path.relative_to(ROOT))] = found
+    assert not offenders, f"use a fixture of tests/conftest.py instead of importing: {offenders}"
+    assert cross_module_imports("from .conftest import ToyNet\nfrom tests.support import helpers\nimport tests.x\n") == [
+        ".conftest", "tests.support", "tests.x"]
