@@ -29,7 +29,7 @@ def make_args(tmp_path, **overrides):
 
 
 @pytest.fixture
-def make_trainer(fmnist, fmnist_model, make_args):
+def make_trainer(fmnist, fmnist_model):
     def make_trainer(tmp_path, limit=20, validation=None, **overrides):
         torch.manual_seed(0)
         return CSRTrainer(model=fmnist_model("test_tiny_convnet"), args=make_args(tmp_path, **overrides),

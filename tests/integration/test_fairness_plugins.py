@@ -102,7 +102,7 @@ def make_args(tmp_path, **overrides):
 
 
 @pytest.fixture
-def train(fmnist, fmnist_model, make_args):
+def train(fmnist, fmnist_model):
     def train(tmp_path, callbacks=None, resume=None, model="test_tiny_convnet", limit=64, **overrides):
         torch.manual_seed(0)
         trainer = CSRTrainer(model=fmnist_model(model), args=make_args(tmp_path, **overrides),
@@ -272,7 +272,7 @@ def _is_crop_or_flip_of(image: torch.Tensor, raw: torch.Tensor, padding: int) ->
     return None
 
 
-def test_the_epoch_pass_attacks_augmented_training_images_in_eval_mode(fmnist, fmnist_model, make_args, tmp_path):
+def test_the_epoch_pass_attacks_augmented_training_images_in_eval_mode(fmnist, fmnist_model, tmp_path):
     """Released loop: model.eval(), then PGD-10 on every batch of the *augmented* train loader. With the
     training attack's BatchNorm mode set to 'train' (as the DDPM recipes do), the pass must still run in
     eval mode; and every image it attacks must be a padded crop (+ flip) of a training image, not all unchanged."""
@@ -307,7 +307,7 @@ def test_the_epoch_pass_attacks_augmented_training_images_in_eval_mode(fmnist, f
     assert float(csr.confusion.class_counts.sum()) == len(raw) and csr.confusion.pass_tag == 0
 
 
-def test_the_epoch_pass_without_augmentation_sees_the_raw_images(fmnist, fmnist_model, make_args, tmp_path):
+def test_the_epoch_pass_without_augmentation_sees_the_raw_images(fmnist, fmnist_model, tmp_path):
     torch.manual_seed(0)
     dataset = fmnist(limit=20)
     args = make_args(tmp_path, csr_confusion_source="epoch", augment=False, max_steps=1, save_strategy="no")
@@ -319,7 +319,7 @@ def test_the_epoch_pass_without_augmentation_sees_the_raw_images(fmnist, fmnist_
     assert torch.equal(torch.cat(attacked), dataset.tensors()[0])
 
 
-def test_awp_warmup_is_counted_as_in_the_released_loop(fmnist, fmnist_model, make_args, tmp_path):
+def test_awp_warmup_is_counted_as_in_the_released_loop(fmnist, fmnist_model, tmp_path):
     """Released: ``for epoch in range(1, epochs + 1): ... if epoch >= args.awp_warmup: perturb``."""
     epochs, steps_per_epoch = 3, 2
     for warmup in (0, 1, 2, 3):
@@ -342,7 +342,7 @@ def test_awp_warmup_is_counted_as_in_the_released_loop(fmnist, fmnist_model, mak
 
 
 # --------------------------------------------------------------------------- data parallelism
-def test_class_sums_are_global(fmnist, fmnist_model, make_args, tmp_path):
+def test_class_sums_are_global(fmnist, fmnist_model, tmp_path):
     """One process: class_sums is the plain per-class sum (the 2-process case runs in the tests below)."""
     trainer = CSRTrainer(model=fmnist_model("test_tiny_convnet"), args=make_args(tmp_path, save_strategy="no"),
                          train_dataset=fmnist(limit=20))
@@ -408,7 +408,7 @@ class HoldingOut(FairnessMethod):
         self.statistics = self.context.class_statistics(images, labels, tag=("hold-out", epoch), steps=1)
 
 
-def test_a_held_out_validation_split_leaves_the_training_set(fmnist, fmnist_model, make_args, tmp_path):
+def test_a_held_out_validation_split_leaves_the_training_set(fmnist, fmnist_model, tmp_path):
     register_fairness_method("holding_out")(HoldingOut)
     try:
         dataset = fmnist(limit=60)

@@ -169,7 +169,7 @@ def card_results(names):
             "attacks": {"clean": attack, "pgd20": attack}, "flags": [HOSTILE]}
 
 
-def test_model_card_escapes_user_supplied_text(card_results):
+def test_model_card_escapes_user_supplied_text():
     names = [HOSTILE, "ok", "a|b"]
     card = render_model_card(card_results(names), model_name=HOSTILE, dataset_name=HOSTILE,
                              training={HOSTILE: HOSTILE}, repo_id="user/robust-model")
@@ -190,7 +190,7 @@ def test_model_card_escapes_user_supplied_text(card_results):
 
 
 @pytest.mark.parametrize("repo_id", ["user/x\nlicense: mit", "../../etc/passwd", "user/<script>", "a" * 200])
-def test_model_card_rejects_hostile_repo_ids(card_results, repo_id):
+def test_model_card_rejects_hostile_repo_ids(repo_id):
     with pytest.raises(ValueError, match="repo_id must be a Hub repo id like 'namespace/name'"):
         render_model_card(card_results(["a", "b"]), repo_id=repo_id)
 
