@@ -6,7 +6,7 @@ Rules:
    counts: module level or inside a function, absolute or relative; only imports under ``if TYPE_CHECKING:``
    are exempt (they never run). ``hf_csr/__init__.py`` and ``hf_csr/baselines`` are re-export shims and exempt.
 2. Nothing in ``hf_csr`` imports ``hf_csr_paper`` (the paper drivers sit on top of the library).
-3. No private name crosses modules: ``from .m import _x`` (or ``m._x`` on an imported module) is refused
+3. No private name crosses modules: ``from .m import _x`` is refused
    outside ``m`` itself. A package's ``__init__`` may re-export a private name of its own submodules
    (``from ._common import x`` is an import of a private *module* by its own package, which is allowed); a
    private module (``models/_common.py``) is imported only inside its own package.
