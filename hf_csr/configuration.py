@@ -27,6 +27,7 @@ from transformers.trainer_utils import SchedulerType
 from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
+from .fairness.registry import reserve_setting_names
 from .utils import parse_pixel_value
 from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list
 
@@ -245,6 +246,7 @@ class CSRTrainingArguments(TrainingArguments):
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(CSRTrainingArguments))
+reserve_setting_names(_FIELD_NAMES, "CSRTrainingArguments")  # no fairness method's flag may take a field's name
 _dataclass_init = CSRTrainingArguments.__init__
 
 

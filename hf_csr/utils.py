@@ -12,12 +12,14 @@ import os
 import sys
 import tempfile
 from fractions import Fraction
-from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence, Union
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
 __all__ = [
+    "public_path",
+    "public_paths",
     "parse_pixel_value",
     "check_choice",
     "check_pixel_values",
@@ -305,3 +307,26 @@ def quiet_http_logging(level: int = logging.INFO) -> None:
     """No line per HTTP request: ``httpx``/``httpcore`` at WARNING (or ``level`` when higher)."""
     for name in _CHATTY_LOGGERS:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def public_path(value: Any) -> Any:
+    """A string that names a local file or folder (absolute, or existing here) -> its last component, so
+    nothing pushed to the Hub (card, results.json) reveals a local path; Hub ids and other values unchanged."""
+    if not isinstance(value, str) or not value or "\n" in value or len(value) > 4096:
+        return value
+    if value.startswith("local-dir:"):  # timm's local folders
+        return "local-dir:" + str(public_path(value[len("local-dir:"):]))
+    try:
+        local = os.path.isabs(value) or value.startswith(("~", "./", "../")) or os.path.exists(value)
+    except (OSError, ValueError):
+        return value
+    return PurePosixPath(value.replace(os.sep, "/").rstrip("/")).name or value if local else value
+
+
+def public_paths(value: Any) -> Any:
+    """:func:`public_path` applied to every string inside ``value`` (dicts, lists)."""
+    if isinstance(value, Mapping):
+        return {key: public_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [public_paths(item) for item in value]
+    return public_path(value)

@@ -19,7 +19,7 @@ import torch
 from ..metrics.classwise_accuracy.classwise_accuracy import classwise_accuracy as _classwise_accuracy
 from ..metrics.classwise_agreement.classwise_agreement import classwise_agreement as _classwise_agreement
 from ..metrics.robust_confusion.robust_confusion import robust_confusion as _robust_confusion
-from ..utils import atomic_write_json, atomic_write_text
+from ..utils import atomic_write_json, atomic_write_text, public_paths
 from .specs import WORST_OF_ALL
 
 __all__ = ["AttackResult", "RobustnessReport", "classwise_agreement", "merge_results"]
@@ -294,13 +294,11 @@ def merge_results(path: Union[str, Path], new: Dict[str, Any]) -> Dict[str, Any]
     or cannot be read, it is kept beside as ``results.previous-N.json`` (with a warning) and ``new`` starts
     afresh. Local paths in ``model`` / ``dataset`` become their last component.
     """
-    from ..hub.cards import _scrub
-
     path = Path(path)
     new = dict(new)
     for key in ("model", "dataset"):
         if key in new:
-            new[key] = _scrub(new[key])
+            new[key] = public_paths(new[key])
     n_new = new.get("num_examples")
     attacks_new = {name: {**entry, "num_examples": entry.get("num_examples", n_new), "seed": entry.get("seed", new.get("seed"))}
                    for name, entry in (new.get("attacks") or {}).items()}

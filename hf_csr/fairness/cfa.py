@@ -31,7 +31,7 @@ import torch
 
 from . import rules
 from .base import FairnessConfig, FairnessMethod
-from .frl import VAL_SIZE_HELP, _val_size, held_out_per_class
+from .frl import VAL_SIZE_HELP, check_val_size, held_out_per_class
 from .registry import register_fairness_method
 
 __all__ = ["CFA", "CFAConfig"]
@@ -80,7 +80,7 @@ class CFAConfig(FairnessConfig):
             raise ValueError(f"cfa_fawa_decay must lie in [0, 1); got {self.fawa_decay}.")
         if not 0 <= self.fawa_threshold <= 1:
             raise ValueError(f"cfa_fawa_threshold must lie in [0, 1]; got {self.fawa_threshold}.")
-        _val_size(self.val_size)
+        check_val_size(self.val_size)
 
 
 @register_fairness_method("cfa")

@@ -54,7 +54,8 @@ def _finite(flag: str, value, *, minimum: float = 0.0) -> None:
         raise ValueError(f"{flag} must be a finite number >= {minimum:g}; got {value!r}.")
 
 
-def _val_size(value) -> None:
+def check_val_size(value) -> None:
+    """``fairness_val_size`` (FRL, CFA and WAT hold out this many training images per class): a positive int or None."""
     if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
         raise ValueError(f"fairness_val_size must be a positive integer or unset; got {value!r}.")
 
@@ -96,7 +97,7 @@ class FRLConfig(FairnessConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rate_halving" else 1):
                 raise ValueError(f"frl_{name} must be an integer >= {0 if name == 'rate_halving' else 1}; got {value!r}.")
-        _val_size(self.val_size)
+        check_val_size(self.val_size)
 
     @property
     def taus(self):

@@ -4,6 +4,10 @@ Built-in methods (``none``, ``csr``, ``frl``, ``faal``, ``cfa``, ``wat``) are re
 one up imports its module (as timm does for its models), so nothing imports a concrete method just
 to train with another. A user's method registers with :func:`register_fairness_method` when its
 module is imported, before ``CSRTrainingArguments`` names it.
+
+The registry sits below the training arguments (docs/architecture.md): it does not import them. The
+arguments reserve their field names here (:func:`reserve_setting_names`) when their module is imported,
+and a method's flag may take none of the reserved names, whichever of the two comes first.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "FAIRNESS_REGISTRY", "BUILTIN_FAIRNESS_METHODS", "register_fairness_method", "get_fairness_method",
-    "available_fairness_methods", "config_flags", "all_method_flags", "load_builtin_methods",
+    "available_fairness_methods", "config_flags", "all_method_flags", "load_builtin_methods", "reserve_setting_names",
 ]
 
 FAIRNESS_REGISTRY: Dict[str, Type["FairnessMethod"]] = {}
@@ -43,10 +47,23 @@ def config_flags(method: Type["FairnessMethod"]) -> Dict[str, str]:
     return {f.name: f.metadata.get("flag", f"{prefix}_{f.name}") for f in dataclasses.fields(config_class) if f.init}
 
 
-def _reserved_names() -> set:
-    from ..configuration import CSRTrainingArguments
+# setting name -> who reserved it (the training arguments' fields: a method's flag may not take them)
+_RESERVED: Dict[str, str] = {}
 
-    return {f.name for f in dataclasses.fields(CSRTrainingArguments)}
+
+def _clash_error(name: str, clash: List[str], owner: str) -> ValueError:
+    return ValueError(f"fairness method {name!r}: setting(s) {clash} collide with {owner} fields; rename them.")
+
+
+def reserve_setting_names(names, owner: str) -> None:
+    """Reserve setting ``names`` (``owner``'s own fields, e.g. ``CSRTrainingArguments``) so that no fairness
+    method's flag takes one; a method registered already with such a flag is an error naming it."""
+    names = set(names)
+    for method_name, method in FAIRNESS_REGISTRY.items():
+        clash = sorted(set(config_flags(method).values()) & names)
+        if clash:
+            raise _clash_error(method_name, clash, owner)
+    _RESERVED.update(dict.fromkeys(names, owner))
 
 
 def register_fairness_method(name: str, *, overwrite: bool = False) -> Callable[[Type["FairnessMethod"]], Type["FairnessMethod"]]:
@@ -75,10 +92,9 @@ def register_fairness_method(name: str, *, overwrite: bool = False) -> Callable[
         cls.name = name
         try:
             flags = config_flags(cls)
-            reserved = _reserved_names()
-            clash = sorted(set(flags.values()) & reserved)
+            clash = sorted(set(flags.values()) & set(_RESERVED))
             if clash:
-                raise ValueError(f"fairness method {name!r}: setting(s) {clash} collide with CSRTrainingArguments fields; rename them.")
+                raise _clash_error(name, clash, " / ".join(sorted({_RESERVED[flag] for flag in clash})))
             types = {f.name: f.type for f in dataclasses.fields(config_class)}
             for other_name, other in FAIRNESS_REGISTRY.items():
                 if other_name == name:

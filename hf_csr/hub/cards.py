@@ -24,7 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..utils import atomic_write_text, read_json_object
+from ..utils import atomic_write_text, public_path, public_paths, read_json_object
 from .checkpoints import DATASETS
 
 #: Datasets a card can name: display name and Hub dataset id (``hf-csr card --dataset``).
@@ -167,29 +167,6 @@ def _validated_repo_id(value: Optional[str], name: str) -> Optional[str]:
     except HFValidationError as error:
         raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r} ({error}).") from None
     return value
-
-
-def public_path(value: Any) -> Any:
-    """A string that names a local file or folder (absolute, or existing here) -> its last component, so
-    nothing pushed to the Hub (card, results.json) reveals a local path; Hub ids and other values unchanged."""
-    if not isinstance(value, str) or not value or "\n" in value or len(value) > 4096:
-        return value
-    if value.startswith("local-dir:"):  # timm's local folders
-        return "local-dir:" + str(public_path(value[len("local-dir:"):]))
-    try:
-        local = os.path.isabs(value) or value.startswith(("~", "./", "../")) or os.path.exists(value)
-    except (OSError, ValueError):
-        return value
-    return PurePosixPath(value.replace(os.sep, "/").rstrip("/")).name or value if local else value
-
-
-def _scrub(value: Any) -> Any:
-    """:func:`public_path` applied to every string inside ``value`` (dicts, lists)."""
-    if isinstance(value, Mapping):
-        return {key: _scrub(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(item) for item in value]
-    return public_path(value)
 
 
 def framework_versions() -> Dict[str, str]:
@@ -342,7 +319,7 @@ def render_model_card(
         eval_results=eval_results or None,
         **{k: v for k, v in extra.items() if v},
     )
-    training = _scrub(dict(training or {}))
+    training = public_paths(dict(training or {}))
     training_rows = [
         {"key": escape_markdown(k), "value": _training_value(v)} for k, v in training.items()
     ]
@@ -426,7 +403,7 @@ def render_directory_card(
         if kwargs.get(key) is None and saved.get(key) is not None:
             kwargs[key] = saved[key]
     if kwargs.get("training") is not None:
-        kwargs["training"] = _scrub(dict(kwargs["training"]))
+        kwargs["training"] = public_paths(dict(kwargs["training"]))
     metadata = {key: kwargs[key] for key in CARD_METADATA_KEYS if kwargs.get(key) is not None}
     if results is None and (output_dir / "results.json").is_file():
         results = read_results(output_dir / "results.json")

@@ -406,7 +406,7 @@ def _load_hub(repo_id: str, revision: Optional[str], class_names, threat_model) 
 
 
 def _public(name: str) -> str:
-    from ..hub.cards import public_path
+    from ..utils import public_path
 
     return public_path(name.replace("local-dir:", "")) if name.startswith("local-dir:") else public_path(name)
 

@@ -1,1 +1,0 @@
-"""Robust evaluation: metric modules, evaluate_robustness, dataset sources, plots and the command."""
