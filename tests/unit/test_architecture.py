@@ -26,13 +26,13 @@ PAPER = "hf_csr_paper"
 
 #: Low to high. A module belongs to the longest prefix listed here; each may import only its layer or lower.
 LAYERS = [
-    ("L0 foundations", ["hf_csr.utils", "hf_csr.validation"]),
+    ("L0 foundations", ["hf_csr.utils", "hf_csr.validation", "hf_csr.lazy", "hf_csr.arguments"]),
     ("L1 core maths", ["hf_csr.regularizer", "hf_csr.attacks", "hf_csr.awp"]),
     ("L2 data, models, metrics", ["hf_csr.data", "hf_csr.models", "hf_csr.metrics"]),
     ("L3 fairness, evaluation", ["hf_csr.fairness", "hf_csr.evaluation"]),
     ("L4 hub", ["hf_csr.hub"]),
     ("L5 training", ["hf_csr.configuration", "hf_csr.trainer", "hf_csr.safety"]),
-    ("L6 application", ["hf_csr.experiment", "hf_csr.quickstart", "hf_csr.cli",
+    ("L6 application", ["hf_csr.experiment", "hf_csr.recipes", "hf_csr.quickstart", "hf_csr.cli",
                         "hf_csr.hub.commands", "hf_csr.evaluation.command"]),
 ]
 #: Re-export shims: they import from every layer by design and hold no logic.
