@@ -91,6 +91,11 @@ class ExperimentArguments:
         metadata={"help": "Attacks of the final evaluation written to results.json and the model card."},
     )
     eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Batch size of the final evaluation."})
+    subset_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seed of the train_limit / eval_limit subsets (default: the training seed); fix it (e.g. 0) "
+                          "for the same images in every seed's run."},
+    )
     long_tail_ratio: Optional[float] = field(
         default=None,
         metadata={"help": "Long-tail the training set by exponential subsampling (n_c = n_max * ratio^(-c/(K-1)), "
@@ -110,8 +115,8 @@ class ExperimentArguments:
     extra_eval: Optional[str] = field(
         default=None,
         metadata={"help": "A second final evaluation on a fixed class-balanced subset, as 'attacks@examples', e.g. "
-                          "'autoattack@1000' (standard AutoAttack on 1,000 images as a gradient-masking check); merged "
-                          "into results.json under the attack's own name."},
+                          "'autoattack@1000' (standard AutoAttack on 1,000 images, seed 0, as a gradient-masking check), "
+                          "written to <output_dir>/extra_eval (results.json and plots)."},
     )
 
     def __post_init__(self):
@@ -301,7 +306,8 @@ def load_datasets(experiment: ExperimentArguments, training: CSRTrainingArgument
     """(train, eval) datasets; with ``generated_data``, the train set mixes real and generated images."""
     from .data.sources import load_image_dataset
 
-    common = dict(image_column=experiment.image_column, label_column=experiment.label_column, seed=training.seed,
+    seed = training.seed if experiment.subset_seed is None else experiment.subset_seed
+    common = dict(image_column=experiment.image_column, label_column=experiment.label_column, seed=seed,
                   num_channels=num_channels)
     train = load_image_dataset(experiment.dataset, experiment.train_split, limit=experiment.train_limit, **common)
     evaluation = load_image_dataset(experiment.dataset, experiment.eval_split, limit=experiment.eval_limit,
@@ -485,6 +491,8 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     model = build_model(experiment, training, train_dataset)
     # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
     check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
+    if experiment.validation_size is not None:
+        check_attack_list(experiment.validation_attack, "validation_attack", num_classes=model.config.num_labels)
     if experiment.extra_eval:
         check_attack_list(_parse_extra_eval(experiment.extra_eval)[0], "extra_eval", num_classes=model.config.num_labels)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
@@ -513,6 +521,9 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     return {**results, "training_summary": summary}
 
 
+EXTRA_EVAL_DIR = "extra_eval"
+
+
 def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArguments, trainer: CSRTrainer, eval_dataset,
                   results: Dict[str, Any], selection) -> Dict[str, Any]:
     """The extra subset evaluation (``extra_eval``) and, with a validation split, the same evaluations of the
@@ -525,10 +536,11 @@ def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArgument
 
             subset = eval_dataset.subset(stratified_subset(eval_dataset.labels.numpy(), examples, seed=0))
         return trainer.evaluate_and_report(subset, attacks=attacks, batch_size=experiment.eval_batch_size,
-                                           output_dir=output_dir, dataset_name=experiment.dataset)
+                                           output_dir=os.path.join(output_dir, EXTRA_EVAL_DIR),
+                                           dataset_name=experiment.dataset)
 
     if experiment.extra_eval:
-        results = extra(training.output_dir)
+        results = {**results, "extra_eval": extra(training.output_dir)}
     if selection is None:
         return results
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -539,7 +551,7 @@ def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArgument
                                        batch_size=experiment.eval_batch_size, output_dir=best_dir,
                                        dataset_name=experiment.dataset)
     if experiment.extra_eval:
-        best = extra(best_dir)
+        best = {**best, "extra_eval": extra(best_dir)}
     model.load_state_dict(final_weights)
     return {**results, "best": {**best, "selection": record}}
 

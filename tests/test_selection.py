@@ -86,6 +86,9 @@ def test_extra_eval_on_a_fixed_subset_and_long_tail(tmp_path):
     experiment, training = parse_args(TINY + ["--max_steps", "1", "--long_tail_ratio", "4", "--extra_eval", "pgd2@10",
                                               "--output_dir", str(out)])
     results = run(experiment, training)
-    assert results["attacks"]["pgd2"]["num_examples"] == 10 and results["attacks"]["pgd3"]["num_examples"] == 30
+    assert results["attacks"]["pgd3"]["num_examples"] == 30 and "pgd2" not in results["attacks"]
+    assert results["extra_eval"]["attacks"]["pgd2"]["num_examples"] == 10
+    extra = json.loads((out / "extra_eval" / "results.json").read_text())
+    assert extra["num_examples"] == 10 and (out / "extra_eval" / "classwise_accuracy.png").is_file()
     with pytest.raises(ValueError, match="attacks@examples"):
         parse_args(TINY + ["--extra_eval", "autoattack"])
