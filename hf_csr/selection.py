@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -118,7 +119,7 @@ class BestCheckpointCallback(TrainerCallback):
         if report is not None:
             attacks = report.to_dict()["attacks"]
             entry = attacks[self.attack]
-            epoch = int(round(state.epoch or 0))
+            epoch = max(1, math.ceil((state.epoch or 0) - 1e-6))  # 1-based; a partial (max_steps) epoch counts
             score = float(entry["accuracy"])
             history = [h for h in self.record["history"] if h["epoch"] != epoch]
             history.append({"epoch": epoch, "step": state.global_step, "accuracy": score,
