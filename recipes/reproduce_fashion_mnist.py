@@ -19,7 +19,8 @@ import os
 import sys
 
 from hf_csr_paper.report import generate, write_report
-from hf_csr_paper.reproduction import DATASETS, METHODS, SIZES, SWEEP, override, parse_list, run_reproduction
+from hf_csr_paper.reproduction import (DATASETS, METHODS, SIZES, SWEEP, override, parse_list, run_reproduction,
+                                      settings_table)
 
 logger = logging.getLogger("reproduce_fashion_mnist")
 
@@ -80,6 +81,8 @@ def main(argv=None):
         output_dir = args.output_dir or default_output_dir(name)
         blocks[name] = generate(output_dir, label=output_dir, report_path=args.report, figures_dir=args.figures_dir,
                                 kind="sweep" if name == "sweep" else "table3")
+    if args.output_dir is None:  # the presets' table, from the code (REPRODUCTION.md's "presets" block)
+        blocks["presets"] = settings_table([SIZES[name] for name in ("power", "sweep", "quick")])
     write_report(args.report, blocks)
     logger.info("wrote the %s block(s) of %s", ", ".join(blocks), args.report)
     return 0
