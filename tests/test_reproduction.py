@@ -140,3 +140,19 @@ def test_quick_smoke_end_to_end_and_resume(tmp_path):
     assert recipe.main(argv) == 0
     assert {f: os.stat(f).st_mtime_ns for f in records} == stamps
     assert len(collect(out)) == 4 and write_report(report, {"quick": "x"}).count("reproduction:quick:begin") == 1
+
+
+@pytest.mark.slow
+def test_analysis_phi_trains_through_the_runner_and_reuses_the_run(tmp_path):
+    from hf_csr_paper.analysis import run_phi
+    from hf_csr_paper.reproduction import override
+
+    tiny = override(QUICK, max_steps=1, train_examples=100, eval_examples=20, validation_size=20,
+                    eval_attacks="clean", extra_eval=None)
+    out = run_phi(tmp_path, methods=["PGD-AT"], settings=tiny)
+    record = tmp_path / "runs" / "fashion_mnist" / "PGD-AT" / "seed0" / "run.json"
+    assert record.is_file() and out["methods"]["PGD-AT"]["n"] > 5
+    stamp = os.stat(record).st_mtime_ns
+    again = run_phi(tmp_path, methods=["PGD-AT"], settings=tiny)  # the finished run is reused, not retrained
+    assert os.stat(record).st_mtime_ns == stamp
+    assert again["methods"]["PGD-AT"]["log_phi_prime"] == out["methods"]["PGD-AT"]["log_phi_prime"]
