@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ["METHODS", "BASELINES", "CSR_METHODS", "RELEASED_CSR", "SWEEP", "DATASETS", "ReproductionSettings",
            "QUICK", "POWER", "SWEEP_SETTINGS", "SIZES", "run_arguments", "run_one", "run_reproduction", "run_dir_for",
-           "train_method"]
+           "train_method", "estimate_seconds", "estimate_table", "settings_table", "override"]
 
 logger = logging.getLogger(__name__)
 
@@ -270,3 +270,102 @@ def settings_table(presets: Sequence[ReproductionSettings]) -> str:
             cells.append(f"`{value}`" if isinstance(value, str) and key in ("eval_attacks", "extra_eval") else str(value))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- wall-time estimates
+FASHION_MNIST_TRAIN_PER_CLASS = 6000
+FASHION_MNIST_TEST = 10000
+
+
+def _train_size(settings: ReproductionSettings, dataset: str) -> int:
+    per_class = (settings.train_examples or 10 * FASHION_MNIST_TRAIN_PER_CLASS) // 10 - (settings.validation_size or 0) // 10
+    if dataset == "fashion_mnist_lt":  # exponential subsampling: n_max * sum_c ratio^(-c/9)
+        return int(sum(per_class * settings.long_tail_ratio ** (-c / 9) for c in range(10)))
+    return 10 * per_class
+
+
+def _attack_units(attacks: str, examples: int, robust: float) -> float:
+    """Forward-backward passes per evaluation: PGD-k = k; APGD-CE = 100 on every image, APGD-T = 9 targets x 100 on
+    the images still robust; standard AutoAttack adds FAB-T (about 2 x 9 x 100) and Square (5,000 forwards,
+    about a third of a forward-backward each) on the robust ones."""
+    import re
+
+    units = float(examples)  # the clean pass
+    for name in [a for a in attacks.split(",") if a.strip()]:
+        name = name.strip()
+        match = re.fullmatch(r"(pgd|cw)(\d+)", name)
+        if match:
+            units += examples * int(match.group(2))
+        elif name == "autoattack":
+            units += examples * (100 + robust * (900 + 1800 + 5000 / 3))
+        elif name.startswith("autoattack:"):
+            parts = name.split(":", 1)[1].split("+")
+            units += examples * (100 * ("apgd-ce" in parts) + robust * 900 * ("apgd-t" in parts))
+    return units
+
+
+def estimate_seconds(settings: ReproductionSettings, method: str, dataset: str, *, ms_per_unit: float = 1.0,
+                     robust: Optional[float] = None) -> Dict[str, float]:
+    """Estimated wall time of one run, in seconds, by part: the passes a run makes (one unit = one image's forward +
+    backward through the preset's model) times ``ms_per_unit``. ``robust``: the share of test images APGD-CE leaves
+    robust (default 0.6 balanced, 0.3 long-tailed, from the earlier runs). The runner's PGD-k training step costs
+    k + 2 units (TRADES included); CSR's ``epoch`` pass adds PGD-10 over the training set every epoch."""
+    robust = (0.6 if dataset == "fashion_mnist" else 0.3) if robust is None else robust
+    n_train = _train_size(settings, dataset)
+    epochs = settings.epochs if settings.max_steps is None else settings.max_steps * settings.batch_size / n_train
+    flags = method_flags(method, settings)
+    train = epochs * n_train * (settings.attack_steps + 2)
+    if flags.get("csr_confusion_source") == "epoch":
+        train += epochs * n_train * 11
+    if "fairness_val_size" in flags:
+        train += epochs * settings.fairness_val_size * 11
+    validation = epochs * (settings.validation_size or 0) * (int(settings.validation_attack[3:]) + 1)
+    n_test = settings.eval_examples or FASHION_MNIST_TEST
+    checkpoints = 2 if settings.validation_size else 1
+    evaluation = checkpoints * _attack_units(settings.eval_attacks, n_test, robust)
+    if settings.extra_eval:
+        attacks, examples = settings.extra_eval.rsplit("@", 1)
+        evaluation += checkpoints * _attack_units(attacks, int(examples), robust)
+    scale = ms_per_unit / 1000.0
+    return {"train": (train + validation) * scale, "evaluation": evaluation * scale,
+            "total": (train + validation + evaluation) * scale}
+
+
+def estimate_table(settings: ReproductionSettings, methods: Sequence[str], *, ms_per_unit: float = 1.0) -> str:
+    """Per (dataset, method): hours per run (training / evaluation / total) and the preset's total over its seeds."""
+    lines = ["| dataset | method | training (h) | evaluation (h) | run (h) | x seeds (h) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    grand = 0.0
+    for dataset in settings.datasets:
+        for method in methods:
+            e = estimate_seconds(settings, method, dataset, ms_per_unit=ms_per_unit)
+            total = e["total"] * len(settings.seeds) / 3600
+            grand += total
+            lines.append(f"| {dataset} | {method} | {e['train'] / 3600:.1f} | {e['evaluation'] / 3600:.1f} | "
+                         f"{e['total'] / 3600:.1f} | {total:.1f} |")
+    lines.append(f"| all | {len(methods)} methods x {len(settings.seeds)} seeds | | | | **{grand:.0f}** |")
+    return "\n".join(lines)
+
+
+def calibrate_ms_per_unit(settings: ReproductionSettings, *, batch_size: int = 128, repeats: int = 10) -> float:
+    """Milliseconds per image forward + backward through the preset's model on this machine now (batch
+    ``batch_size``, training mode, input gradients as an attack needs them): the unit of :func:`estimate_seconds`."""
+    import torch
+
+    from hf_csr.data import FASHION_MNIST_CLASSES
+    from hf_csr.models import create_robust_classifier
+
+    model = create_robust_classifier("preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
+                                     width=settings.width, num_blocks=tuple(settings.num_blocks))
+    x = torch.rand(batch_size, 1, 28, 28, requires_grad=True)
+    y = torch.arange(batch_size) % 10
+
+    def step():
+        out = model(x)
+        torch.nn.functional.cross_entropy(getattr(out, "logits", out), y).backward()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats / batch_size * 1000.0

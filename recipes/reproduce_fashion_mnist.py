@@ -19,10 +19,11 @@ import os
 import sys
 
 from hf_csr_paper.report import generate, write_report
-from hf_csr_paper.reproduction import (DATASETS, METHODS, SIZES, SWEEP, override, parse_list, run_reproduction,
-                                      settings_table)
+from hf_csr_paper.reproduction import (DATASETS, METHODS, SIZES, SWEEP, calibrate_ms_per_unit, estimate_table, override,
+                                      parse_list, run_reproduction, settings_table)
 
 logger = logging.getLogger("reproduce_fashion_mnist")
+ESTIMATE_MS_PER_UNIT = 1.0  # implied by the earlier medium runs (REPRODUCTION.md's appendix): ~360k units in ~6 min
 
 
 def default_output_dir(size: str) -> str:
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--report_only", action="store_true",
                        help="Only regenerate the tables from the run folders (default: the power and sweep blocks).")
     group.add_argument("--no_report", action="store_true", help="Run without touching the report.")
+    group = parser.add_argument_group("wall-time estimate (nothing is trained)")
+    group.add_argument("--estimate", action="store_true",
+                       help="Print the estimated hours per run and in total for the preset and methods, and exit.")
+    group.add_argument("--ms_per_unit", type=float, default=None,
+                       help="Milliseconds per image forward+backward (default: measured now on this machine).")
     return parser
 
 
@@ -66,6 +72,14 @@ def main(argv=None):
         datasets = parse_list(args.datasets, DATASETS, "--datasets")
     except ValueError as error:
         parser.error(str(error))
+    if args.estimate:
+        size = size or "power"
+        settings = override(SIZES[size], **{k: getattr(args, k) for k in (
+            "train_examples", "eval_examples", "epochs", "max_steps", "validation_size", "eval_attacks", "extra_eval")})
+        ms = args.ms_per_unit or calibrate_ms_per_unit(settings)
+        print(f"{ms:.3f} ms per image forward+backward" + ("" if args.ms_per_unit else " (measured now)"))
+        print(estimate_table(settings, methods, ms_per_unit=ms))
+        return 0
     if not args.report_only:
         size = size or "power"
         settings = override(SIZES[size], **{k: getattr(args, k) for k in (
@@ -83,6 +97,9 @@ def main(argv=None):
                                 kind="sweep" if name == "sweep" else "table3")
     if args.output_dir is None:  # the presets' table, from the code (REPRODUCTION.md's "presets" block)
         blocks["presets"] = settings_table([SIZES[name] for name in ("power", "sweep", "quick")])
+        blocks["estimates"] = "\n\n".join([
+            f"Power preset, at {ESTIMATE_MS_PER_UNIT:g} ms per unit:", estimate_table(SIZES["power"], list(METHODS)),
+            f"Sweep preset, at {ESTIMATE_MS_PER_UNIT:g} ms per unit:", estimate_table(SIZES["sweep"], list(SWEEP))])
     write_report(args.report, blocks)
     logger.info("wrote the %s block(s) of %s", ", ".join(blocks), args.report)
     return 0

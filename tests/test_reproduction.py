@@ -156,3 +156,17 @@ def test_analysis_phi_trains_through_the_runner_and_reuses_the_run(tmp_path):
     again = run_phi(tmp_path, methods=["PGD-AT"], settings=tiny)  # the finished run is reused, not retrained
     assert os.stat(record).st_mtime_ns == stamp
     assert again["methods"]["PGD-AT"]["log_phi_prime"] == out["methods"]["PGD-AT"]["log_phi_prime"]
+
+
+def test_estimate_counts_the_passes_by_hand():
+    from dataclasses import replace
+
+    from hf_csr_paper.reproduction import estimate_seconds
+
+    s = replace(QUICK, train_examples=1000, eval_examples=100, epochs=2, attack_steps=3, validation_size=None,
+                eval_attacks="clean,pgd20,autoattack:apgd-ce+apgd-t", extra_eval=None)
+    e = estimate_seconds(s, "PGD-AT", "fashion_mnist", ms_per_unit=1000.0, robust=0.5)
+    assert e["train"] == pytest.approx(2 * 1000 * 5)  # 2 epochs x 1000 images x (PGD-3 + 2)
+    assert e["evaluation"] == pytest.approx(100 * (1 + 20 + 100 + 0.5 * 900))  # clean + PGD-20 + APGD-CE + APGD-T
+    csr = estimate_seconds(s, "CSR reference/epoch", "fashion_mnist", ms_per_unit=1000.0, robust=0.5)
+    assert csr["train"] == pytest.approx(2 * 1000 * 5 + 2 * 1000 * 11)  # + the epoch pass, PGD-10 per image
