@@ -170,3 +170,26 @@ def test_estimate_counts_the_passes_by_hand():
     assert e["evaluation"] == pytest.approx(100 * (1 + 20 + 100 + 0.5 * 900))  # clean + PGD-20 + APGD-CE + APGD-T
     csr = estimate_seconds(s, "CSR reference/epoch", "fashion_mnist", ms_per_unit=1000.0, robust=0.5)
     assert csr["train"] == pytest.approx(2 * 1000 * 5 + 2 * 1000 * 11)  # + the epoch pass, PGD-10 per image
+
+
+def test_t_table_matches_scipy_and_is_used_without_it(monkeypatch):
+    import builtins
+    import sys
+
+    from hf_csr_paper import report
+
+    scipy_stats = pytest.importorskip("scipy.stats")
+    for df in range(1, 31):
+        assert report.T975_TABLE[df - 1] == pytest.approx(scipy_stats.t.ppf(0.975, df), abs=1e-6)
+    real_import = builtins.__import__
+
+    def no_scipy(name, *args, **kwargs):
+        if name.startswith("scipy"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "scipy.stats", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_scipy)
+    assert report.t_quantile_975(2) == 4.302653
+    with pytest.raises(ValueError, match="install scipy"):
+        report.t_quantile_975(31)
