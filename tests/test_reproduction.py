@@ -156,6 +156,11 @@ def test_analysis_phi_trains_through_the_runner_and_reuses_the_run(tmp_path):
     again = run_phi(tmp_path, methods=["PGD-AT"], settings=tiny)  # the finished run is reused, not retrained
     assert os.stat(record).st_mtime_ns == stamp
     assert again["methods"]["PGD-AT"]["log_phi_prime"] == out["methods"]["PGD-AT"]["log_phi_prime"]
+    from hf_csr_paper.analysis import run_sharpness
+
+    sharp = run_sharpness(tmp_path, methods=["PGD-AT"], settings=tiny, examples=20, num_samples=1, scales=("absolute",))
+    assert os.stat(record).st_mtime_ns == stamp  # the same run again
+    assert 0 <= sharp["methods"]["PGD-AT"]["sharpness_absolute"]["sigma2"] <= 1
 
 
 def test_estimate_counts_the_passes_by_hand():
