@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Table 3 on Fashion-MNIST (PGD-AT, TRADES, FRL, FAAL, CFA, WAT and CSR in four versions, 3 seeds, balanced and
+r"""Table 3 on Fashion-MNIST (PGD-AT, TRADES, FRL, FAAL, CFA, WAT and CSR in four versions, 3 seeds, balanced and
 long-tailed training sets) and a small Table 6 sweep, every run through the runner (hf_csr.experiment.run);
 the tables go into REPRODUCTION.md. Logic: hf_csr_paper.reproduction (runs) and hf_csr_paper.report (tables).
 
@@ -7,7 +7,8 @@ the tables go into REPRODUCTION.md. Logic: hf_csr_paper.reproduction (runs) and 
     python recipes/reproduce_fashion_mnist.py --size power --max_runs 1 # one run per call (a session's piece)
     python recipes/reproduce_fashion_mnist.py --sweep                   # Table 6 sweep (balanced set, 2 seeds)
     python recipes/reproduce_fashion_mnist.py --report_only             # rewrite REPRODUCTION.md's tables only
-    python recipes/reproduce_fashion_mnist.py --quick --max_steps 2     # smoke test of the pipeline
+    python recipes/reproduce_fashion_mnist.py --quick --max_steps 2 --output_dir outputs/smoke \
+        --report outputs/smoke.md --figures_dir outputs/smoke_figures  # smoke test of the pipeline
 
 Runs whose run.json exists are skipped; an interrupted run resumes from its last epoch checkpoint: rerun the
 same command to continue.
