@@ -28,6 +28,7 @@ from transformers import AutoModelForImageClassification, HfArgumentParser, Trai
 from .configuration import CSRTrainingArguments
 from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
+from .selection import BEST_DIR, BestCheckpointCallback, load_best_weights, split_training_set
 from .trainer import CSRTrainer
 from .utils import atomic_write_json, launched_processes, process_log_level, setup_console_logging
 from .validation import check_attack_list
@@ -90,6 +91,33 @@ class ExperimentArguments:
         metadata={"help": "Attacks of the final evaluation written to results.json and the model card."},
     )
     eval_batch_size: Optional[int] = field(default=None, metadata={"help": "Batch size of the final evaluation."})
+    subset_seed: Optional[int] = field(
+        default=None,
+        metadata={"help": "Seed of the train_limit / eval_limit subsets (default: the training seed); fix it (e.g. 0) "
+                          "for the same images in every seed's run."},
+    )
+    long_tail_ratio: Optional[float] = field(
+        default=None,
+        metadata={"help": "Long-tail the training set by exponential subsampling (n_c = n_max * ratio^(-c/(K-1)), "
+                          "hf_csr.data.sampling.long_tail_indices) with seed 0, so every method and seed sees the same "
+                          "data; e.g. 100. Drawn after the validation split is removed."},
+    )
+    validation_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Hold out this many training images (class-stratified, seed 0, removed from training); at "
+                          "each epoch end the robust accuracy on them under validation_attack picks the best epoch, "
+                          "whose weights are kept in <output_dir>/best and evaluated beside the final ones "
+                          "(<output_dir>/best/results.json)."},
+    )
+    validation_attack: str = field(
+        default="pgd10", metadata={"help": "Attack of the per-epoch validation (pgd<steps> at the training eps)."}
+    )
+    extra_eval: Optional[str] = field(
+        default=None,
+        metadata={"help": "A second final evaluation on a fixed class-balanced subset, as 'attacks@examples', e.g. "
+                          "'autoattack@1000' (standard AutoAttack on 1,000 images, seed 0, as a gradient-masking check), "
+                          "written to <output_dir>/extra_eval (results.json and plots)."},
+    )
 
     def __post_init__(self):
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
@@ -102,10 +130,21 @@ class ExperimentArguments:
             self.backbone_kwargs = parsed
         if not 0 < self.real_fraction < 1:
             raise ValueError(f"real_fraction must lie in (0, 1); got {self.real_fraction}.")
-        for name in ("train_limit", "eval_limit", "eval_batch_size", "generated_epoch_batches"):
+        if self.long_tail_ratio is not None and self.long_tail_ratio < 1:
+            raise ValueError(f"long_tail_ratio must be >= 1 (head count / tail count) or None; got {self.long_tail_ratio}.")
+        if self.extra_eval is not None:
+            _parse_extra_eval(self.extra_eval)
+        for name in ("train_limit", "eval_limit", "eval_batch_size", "generated_epoch_batches", "validation_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"{name} must be a positive integer or None; got {value}.")
+
+
+def _parse_extra_eval(text: str) -> Tuple[str, int]:
+    attacks, sep, examples = str(text).rpartition("@")
+    if not sep or not attacks or not examples.isdigit() or int(examples) < 1:
+        raise ValueError(f"extra_eval must read 'attacks@examples', e.g. 'autoattack@1000'; got {text!r}.")
+    return attacks, int(examples)
 
 
 # --------------------------------------------------------------------------- arguments
@@ -324,7 +363,8 @@ def load_datasets(experiment: ExperimentArguments, training: CSRTrainingArgument
     """(train, eval) datasets; with ``generated_data``, the train set mixes real and generated images."""
     from .data.sources import load_image_dataset
 
-    common = dict(image_column=experiment.image_column, label_column=experiment.label_column, seed=training.seed,
+    seed = training.seed if experiment.subset_seed is None else experiment.subset_seed
+    common = dict(image_column=experiment.image_column, label_column=experiment.label_column, seed=seed,
                   num_channels=num_channels)
     train = load_image_dataset(experiment.dataset, experiment.train_split, limit=experiment.train_limit, **common)
     evaluation = load_image_dataset(experiment.dataset, experiment.eval_split, limit=experiment.eval_limit,
@@ -527,11 +567,22 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     # and the same seed must give the same run (the Trainer only seeds once the model is built).
     set_seed(training.seed)
     train_dataset, eval_dataset = load_datasets(experiment, training)
+    train_dataset, validation_dataset = split_training_set(
+        train_dataset, validation_size=experiment.validation_size, long_tail_ratio=experiment.long_tail_ratio)
     model = build_model(experiment, training, train_dataset)
     # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
     check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
+    if experiment.validation_size is not None:
+        check_attack_list(experiment.validation_attack, "validation_attack", num_classes=model.config.num_labels)
+    if experiment.extra_eval:
+        check_attack_list(_parse_extra_eval(experiment.extra_eval)[0], "extra_eval", num_classes=model.config.num_labels)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
     trainer.add_callback(FinalEvaluationFollows())
+    selection = None
+    if validation_dataset is not None:
+        selection = BestCheckpointCallback(validation_dataset, training.output_dir, experiment.validation_attack)
+        selection.trainer = trainer
+        trainer.add_callback(selection)
     resume = training.resume_from_checkpoint
     if resume in ("true", "True", "last"):
         from transformers.trainer_utils import get_last_checkpoint
@@ -546,9 +597,45 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
         eval_dataset, attacks=experiment.final_eval_attacks, batch_size=experiment.eval_batch_size,
         dataset_name=experiment.dataset,
     )
+    results = _final_extras(experiment, training, trainer, eval_dataset, results, selection)
     if training.push_to_hub:
         trainer.push_to_hub()  # on every process: it saves (collectively) first, then the main process uploads
     return {**results, "training_summary": summary}
+
+
+EXTRA_EVAL_DIR = "extra_eval"
+
+
+def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArguments, trainer: CSRTrainer, eval_dataset,
+                  results: Dict[str, Any], selection) -> Dict[str, Any]:
+    """The extra subset evaluation (``extra_eval``) and, with a validation split, the same evaluations of the
+    best epoch's weights in ``<output_dir>/best`` (the final weights are put back afterwards)."""
+    def extra(output_dir: str) -> Dict[str, Any]:
+        attacks, examples = _parse_extra_eval(experiment.extra_eval)
+        subset = eval_dataset
+        if examples < len(eval_dataset):  # seed 0: the same images for every run, whatever its training seed
+            from .data.sampling import stratified_subset
+
+            subset = eval_dataset.subset(stratified_subset(eval_dataset.labels.numpy(), examples, seed=0))
+        return trainer.evaluate_and_report(subset, attacks=attacks, batch_size=experiment.eval_batch_size,
+                                           output_dir=os.path.join(output_dir, EXTRA_EVAL_DIR),
+                                           dataset_name=experiment.dataset)
+
+    if experiment.extra_eval:
+        results = {**results, "extra_eval": extra(training.output_dir)}
+    if selection is None:
+        return results
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    best_dir = os.path.join(training.output_dir, BEST_DIR)
+    record = load_best_weights(model, training.output_dir)
+    best = trainer.evaluate_and_report(eval_dataset, attacks=experiment.final_eval_attacks,
+                                       batch_size=experiment.eval_batch_size, output_dir=best_dir,
+                                       dataset_name=experiment.dataset)
+    if experiment.extra_eval:
+        best = {**best, "extra_eval": extra(best_dir)}
+    model.load_state_dict(final_weights)
+    return {**results, "best": {**best, "selection": record}}
 
 
 def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None, *,

@@ -347,24 +347,28 @@ def run_clean_fairness(output_dir, *, train_examples: int = 6000, test_examples:
     return results
 
 
-def run_sharpness(output_dir, *, methods: Sequence[str] = ("PGD-AT", "TRADES", "CSR gamma=0.0 (TRADES)"),
+def run_sharpness(output_dir, *, methods: Sequence[str] = ("PGD-AT", "TRADES", "CSR reference/epoch"),
                   settings=None, seed: int = 0, examples: int = 500, num_samples: int = 50,
                   scales: Sequence[str] = ("absolute", "magnitude")) -> Dict[str, object]:
     """Table 8 on Fashion-MNIST: per method, the train - test PGD-20 accuracy gap, the worst test class
-    under PGD-20 and the sharpness estimate (on ``examples`` training images)."""
+    under PGD-20 and the sharpness estimate (on ``examples`` training images). The models are trained by the
+    runner through :func:`hf_csr_paper.reproduction.train_method` (run folders under ``<output_dir>/runs``,
+    reused when finished)."""
+    from hf_csr.data import load_fashion_mnist
     from hf_csr.evaluation import evaluate_robustness
-    from hf_csr_paper.reproduction import QUICK, train_method
+    from hf_csr_paper.reproduction import QUICK, run_dir_for, train_method
 
     settings = settings or QUICK
     out: Dict[str, object] = {"settings": settings.name, "seed": seed, "examples": examples, "methods": {}}
+    train = load_fashion_mnist("train", limit=examples, seed=0)
+    test = load_fashion_mnist("test", limit=settings.eval_examples, seed=0)
     for method in methods:
-        trainer, train, test = train_method("fashion_mnist", method, seed, settings, os.path.join(output_dir, "runs"))
-        model = trainer.accelerator.unwrap_model(trainer.model).eval()
-        sub = train.subset(np.arange(min(examples, len(train))))
+        model = train_method("fashion_mnist", method, seed, settings,
+                             run_dir_for(os.path.join(output_dir, "runs"), "fashion_mnist", method, seed))
         kw = dict(attacks="pgd20", norm="Linf", eps=settings.attack_eps, seed=seed, progress=False, device="cpu")
-        tr = evaluate_robustness(model, sub, **kw).to_dict()["attacks"]["pgd20"]
+        tr = evaluate_robustness(model, train, **kw).to_dict()["attacks"]["pgd20"]
         te = evaluate_robustness(model, test, **kw).to_dict()["attacks"]["pgd20"]
-        x, y = sub.tensors()
+        x, y = train.tensors()
         entry = {"train_pgd20": tr["accuracy"], "test_pgd20": te["accuracy"],
                  "gap": tr["accuracy"] - te["accuracy"], "test_worst_class_pgd20": te["worst_class"]["accuracy"]}
         for scale in scales:
@@ -373,15 +377,16 @@ def run_sharpness(output_dir, *, methods: Sequence[str] = ("PGD-AT", "TRADES", "
     return out
 
 
-def run_phi(output_dir, *, methods: Sequence[str] = ("PGD-AT", "CSR gamma=0.0 (TRADES)"), settings=None, seed: int = 0):
+def run_phi(output_dir, *, methods: Sequence[str] = ("PGD-AT", "CSR reference/epoch"), settings=None, seed: int = 0):
     """Phi'(f_w) of Prop. 3.1 for adversarially trained Fashion-MNIST models (B = 28, the largest l2 norm of
-    a 28 x 28 image in [0, 1]; eps = the l2 radius of the Linf ball, eps_inf * 28)."""
-    from hf_csr_paper.reproduction import QUICK, train_method
+    a 28 x 28 image in [0, 1]; eps = the l2 radius of the Linf ball, eps_inf * 28); trained by the runner
+    (:func:`hf_csr_paper.reproduction.train_method`)."""
+    from hf_csr_paper.reproduction import QUICK, run_dir_for, train_method
 
     settings = settings or QUICK
     out: Dict[str, object] = {"settings": settings.name, "seed": seed, "methods": {}}
     for method in methods:
-        trainer, _, _ = train_method("fashion_mnist", method, seed, settings, os.path.join(output_dir, "runs"))
-        model = trainer.accelerator.unwrap_model(trainer.model)
+        model = train_method("fashion_mnist", method, seed, settings,
+                             run_dir_for(os.path.join(output_dir, "runs"), "fashion_mnist", method, seed))
         out["methods"][method] = phi_prime(model, input_norm_bound=28.0, eps=settings.attack_eps * 28.0)
     return out

@@ -1,80 +1,104 @@
-"""The Fashion-MNIST reproduction of the paper's Table 3 (``recipes/reproduce_fashion_mnist.py``).
+"""The Fashion-MNIST reproduction of the paper's Table 3 and a small Table 6 sweep (``recipes/reproduce_fashion_mnist.py``).
 
-Every method is trained with the same budget (model, data, epochs, schedule, training attack), for
-several seeds, on Fashion-MNIST and on its long-tailed version (exponential subsampling, ratio 100),
-then evaluated class by class with AutoAttack on the test set. Each run writes
-``<output_dir>/<dataset>/<method>/seed<k>/results.json`` (plus ``run.json`` with its wall time) and is
-skipped when that file exists, so an interrupted reproduction continues where it stopped. The table
-(mean +- std over the seeds of clean / worst-class clean / AA / worst-class AA accuracy) is written
-into ``REPRODUCTION.md``.
+Every run goes through the runner, :func:`hf_csr.experiment.run`, with one
+:class:`~hf_csr.experiment.ExperimentArguments` and one :class:`~hf_csr.CSRTrainingArguments` built here
+(:func:`run_arguments`); its output directory is the run folder
+``<output_dir>/<dataset>/<method>/seed<k>/``, which receives what the runner writes (``model.safetensors``,
+``results.json`` and the plots for the final weights, ``best/`` for the weights of the epoch that did best
+on the held-out validation split, ``extra_eval/`` for standard AutoAttack on a fixed 1,000-image subset) and,
+last, ``run.json`` (method, seed, settings, training-class counts, wall time). A run whose ``run.json``
+exists is skipped; an interrupted one resumes from its last epoch checkpoint (the checkpoints are deleted
+once ``run.json`` is written).
+
+Paired design: for a given seed, every method starts from the same initial weights (the runner seeds before
+building the model) and sees the same data in the same order (the Trainer's sampler is seeded by the same
+seed); the validation split, the long tail and the test subsets are drawn with seed 0, the same for all runs.
+
+Presets (:data:`SIZES`; estimated wall times on this machine's 2 CPU cores, measured per epoch and per
+evaluated image on smoke runs, see REPRODUCTION.md):
+
+* ``quick``: a smoke test of the whole pipeline (minutes per run; every number it gives is noise).
+* ``power`` (issue 19): the full 60,000-image training set less a 1,000-image validation split, 10
+  epochs (lr 0.1, x0.1 at 50% and 75%), PGD-10 at eps 0.1, a PreAct-ResNet18 of width 8; the final and the
+  best weights are evaluated with APGD-CE + APGD-T at their standard iterations on the full 10,000-image
+  test set (1,000 per class), plus standard AutoAttack on a fixed 1,000-image class-balanced subset.
+* ``sweep``: the Table 6 sweep's smaller budget (:data:`SWEEP`): 20,000 training images, 5 epochs,
+  APGD-CE + APGD-T on 2,000 test images, 2 seeds, balanced set only.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
-import torch
-
-from hf_csr.utils import atomic_write_json
-
-__all__ = ["METHODS", "DATASETS", "ReproductionSettings", "QUICK", "DEFAULT", "MEDIUM", "FULL", "SIZES", "run_reproduction",
-           "summarize", "markdown_table", "write_report"]
+__all__ = ["METHODS", "BASELINES", "CSR_METHODS", "RELEASED_CSR", "SWEEP", "DATASETS", "ReproductionSettings",
+           "QUICK", "POWER", "SWEEP_SETTINGS", "SIZES", "run_arguments", "run_one", "run_reproduction", "run_dir_for",
+           "train_method", "estimate_seconds", "estimate_table", "settings_table", "override"]
 
 logger = logging.getLogger(__name__)
 
-# Table 3's rows, each with the base loss of its published version.
+_CSR = dict(base_loss="trades", fairness_method="csr", csr_alpha=0.3, csr_gamma=0.1)
+
+# Table 3's rows, each with the base loss of its published version; CSR in the four combinations of its
+# variant (docs/method.md: `reference` = the released code, `paper` = the paper's formula) and the source of its
+# confusion estimate (`epoch`: the released pass over the training set at each epoch start; `ema`: a running
+# estimate from the training batches, free).
 METHODS: Dict[str, Dict[str, Any]] = {
     "PGD-AT": dict(base_loss="pgd", fairness_method="none"),
     "TRADES": dict(base_loss="trades", fairness_method="none"),
-    "FRL-RWRM_0.05 (TRADES)": dict(base_loss="trades", fairness_method="frl", frl_tau_clean=0.05, frl_tau_boundary=0.05),
-    "FAAL_AT": dict(base_loss="pgd", fairness_method="faal"),
-    "CFA_TRADES": dict(base_loss="trades", fairness_method="cfa"),
-    "WAT_TRADES": dict(base_loss="trades", fairness_method="wat"),
-    # CSR in both variants of docs/method.md: `reference` (the released code: CE scaled by 1 - alpha) and `paper`
-    # (J = L + alpha * Psi); the names without a variant are the reference variant.
-    "CSR gamma=0.0 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="reference", csr_alpha=0.3,
-                                   csr_gamma=0.0),
-    "CSR gamma=0.1 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="reference", csr_alpha=0.3,
-                                   csr_gamma=0.1),
-    "CSR paper gamma=0.0 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="paper",
-                                         csr_alpha=0.3, csr_gamma=0.0),
-    "CSR paper gamma=0.1 (TRADES)": dict(base_loss="trades", fairness_method="csr", csr_variant="paper",
-                                         csr_alpha=0.3, csr_gamma=0.1),
+    "FRL-RWRM (TRADES)": dict(base_loss="trades", fairness_method="frl", frl_tau_clean=0.05, frl_tau_boundary=0.05),
+    "FAAL (AT)": dict(base_loss="pgd", fairness_method="faal"),
+    "CFA (TRADES)": dict(base_loss="trades", fairness_method="cfa"),
+    "WAT (TRADES)": dict(base_loss="trades", fairness_method="wat"),
+    "CSR reference/epoch": dict(_CSR, csr_variant="reference", csr_confusion_source="epoch"),
+    "CSR paper/epoch": dict(_CSR, csr_variant="paper", csr_confusion_source="epoch"),
+    "CSR reference/ema": dict(_CSR, csr_variant="reference", csr_confusion_source="ema"),
+    "CSR paper/ema": dict(_CSR, csr_variant="paper", csr_confusion_source="ema"),
 }
+BASELINES = ("PGD-AT", "TRADES", "FRL-RWRM (TRADES)", "FAAL (AT)", "CFA (TRADES)", "WAT (TRADES)")
+CSR_METHODS = tuple(m for m in METHODS if m.startswith("CSR"))
+RELEASED_CSR = "CSR reference/epoch"  # the released algorithm
+
+
+def _sweep_methods() -> Dict[str, Dict[str, Any]]:
+    """Table 6's grid with the released algorithm (reference variant, epoch pass): alpha at gamma 0.1, gamma at alpha 0.3."""
+    grid = [(a, 0.1) for a in (0.0, 0.1, 0.2, 0.3, 0.4)] + [(0.3, g) for g in (0.0, 0.2)]
+    return {f"CSR alpha={a:g} gamma={g:g}": dict(METHODS[RELEASED_CSR], csr_alpha=a, csr_gamma=g) for a, g in grid}
+
+
+SWEEP: Dict[str, Dict[str, Any]] = _sweep_methods()
 DATASETS = ("fashion_mnist", "fashion_mnist_lt")
 
 
 @dataclass
 class ReproductionSettings:
-    """The budget shared by every method (``--quick``, ``--size medium`` = the default, ``--size full``).
-
-    ``quick`` and ``medium`` evaluate with AutoAttack's two APGD components at reduced iterations
-    (``aa_n_iter``; the column is named accordingly, e.g. ``autoattack:apgd-ce+apgd-t[n_iter=25]``), which
-    keeps the default size within a few hours on 2 CPU cores; ``full`` runs the standard AutoAttack (APGD-CE,
-    APGD-T, FAB-T, Square) at its own budgets (10-20 minutes per run on a CPU)."""
+    """The budget shared by every method of a preset."""
 
     name: str
-    train_examples: int  # class-balanced subset of the 60k training images (before long-tailing)
-    eval_examples: int  # class-balanced subset of the 10k test images
     epochs: int
+    train_examples: Optional[int] = None  # class-balanced subset of the 60k training images (None: all), seed 0
+    eval_examples: Optional[int] = None  # class-balanced subset of the 10k test images (None: all), seed 0
     batch_size: int = 128
     learning_rate: float = 0.1
-    width: int = 16  # PreAct-ResNet18 base width (64 in the paper's CIFAR model)
-    num_blocks: Sequence[int] = (2, 2, 2, 2)
+    width: int = 8  # PreAct-ResNet18 base width (64 in the paper's CIFAR model)
+    num_blocks: Sequence[int] = (1, 1, 1, 1)
     attack_eps: float = 0.1  # the usual Linf budget on Fashion-MNIST
     attack_steps: int = 10
-    eval_attacks: str = "autoattack"
-    aa_n_iter: Optional[int] = None  # reduced AutoAttack budgets for the smaller presets (None: AutoAttack's own)
-    aa_n_queries: Optional[int] = None
+    eval_attacks: str = "clean,autoattack:apgd-ce+apgd-t"  # AutoAttack's APGD-CE and APGD-T at their own iterations
+    extra_eval: Optional[str] = "autoattack@1000"  # standard AutoAttack on a fixed balanced subset (masking check)
+    validation_size: Optional[int] = 1000
+    validation_attack: str = "pgd10"
     fairness_val_size: int = 500
     seeds: Sequence[int] = (0, 1, 2)
     long_tail_ratio: float = 100.0
+    max_steps: Optional[int] = None  # smoke runs only
+    eval_batch_size: int = 500
+    datasets: Sequence[str] = DATASETS
 
     def milestones(self) -> str:
         """The paper's schedule (x0.1 at 50% and 75% of training), in epochs."""
@@ -82,253 +106,266 @@ class ReproductionSettings:
 
 
 QUICK = ReproductionSettings(
-    name="quick", train_examples=2000, eval_examples=300, epochs=4, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=3, eval_attacks="autoattack:apgd-ce+apgd-t", aa_n_iter=10, fairness_val_size=100,
+    name="quick", epochs=2, train_examples=2000, eval_examples=300, batch_size=64, learning_rate=0.05,
+    attack_steps=3, eval_attacks="clean,pgd20", extra_eval="autoattack:apgd-ce@100", validation_size=200,
+    validation_attack="pgd5", fairness_val_size=100,
 )
-MEDIUM = ReproductionSettings(
-    name="medium", train_examples=5000, eval_examples=500, epochs=8, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=5, eval_attacks="autoattack:apgd-ce+apgd-t", aa_n_iter=25, fairness_val_size=200,
+POWER = ReproductionSettings(name="power", epochs=10)
+SWEEP_SETTINGS = ReproductionSettings(
+    name="sweep", epochs=5, train_examples=20000, eval_examples=2000, extra_eval=None, seeds=(0, 1),
+    datasets=("fashion_mnist",),
 )
-FULL = ReproductionSettings(
-    name="full", train_examples=4000, eval_examples=300, epochs=8, batch_size=64, learning_rate=0.05, width=8,
-    num_blocks=(1, 1, 1, 1), attack_steps=5, fairness_val_size=200,
-)
-SIZES = {"quick": QUICK, "medium": MEDIUM, "full": FULL}
-DEFAULT = MEDIUM  # the recipe's default size
+SIZES = {"quick": QUICK, "power": POWER, "sweep": SWEEP_SETTINGS}
 
 
-def _method_settings(method: str, settings) -> Dict[str, Any]:
-    """``METHODS[method]`` plus the run-size settings its fairness method takes (validation size, CSR's source)."""
+def method_flags(method: str, settings: ReproductionSettings) -> Dict[str, Any]:
+    """The training flags of ``method`` (from :data:`METHODS` or :data:`SWEEP`) plus the run-size settings its
+    fairness method takes (the size of its own validation split)."""
     from hf_csr.fairness.registry import config_flags, get_fairness_method
 
-    values = dict(METHODS[method])
+    table = {**METHODS, **SWEEP}
+    if method not in table:
+        raise ValueError(f"method must be one of {list(table)}; got {method!r}.")
+    values = dict(table[method])
     flags = set(config_flags(get_fairness_method(values["fairness_method"])).values())
     if "fairness_val_size" in flags:
         values["fairness_val_size"] = settings.fairness_val_size
-    if "csr_confusion_source" in flags:
-        values.setdefault("csr_confusion_source", "ema")
     return values
 
 
 def _slug(text: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in text).strip("_")
+    return "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in text).strip("_")
 
 
-def load_data(dataset: str, settings: ReproductionSettings, seed: int):
-    """(train, test) for ``fashion_mnist`` or ``fashion_mnist_lt`` (the long tail is drawn once, seed 0,
-    so every method and seed sees the same long-tailed set)."""
-    from hf_csr.data.sampling import long_tail_indices
-    from hf_csr.data import load_fashion_mnist
-
-    train = load_fashion_mnist("train", limit=settings.train_examples, seed=0)
-    test = load_fashion_mnist("test", limit=settings.eval_examples, seed=0)
-    if dataset == "fashion_mnist_lt":
-        indices = long_tail_indices(train.labels.numpy(), ratio=settings.long_tail_ratio, seed=0)
-        train = train.subset(indices, name=f"{train.name}[long-tail {settings.long_tail_ratio:g}]")
-    elif dataset != "fashion_mnist":
-        raise ValueError(f"dataset must be one of {list(DATASETS)}; got {dataset!r}.")
-    return train, test
-
-
-def train_method(dataset: str, method: str, seed: int, settings: ReproductionSettings, output_dir):
-    """Train ``method`` on ``dataset`` with the budget of ``settings``; returns (trainer, train set, test set)."""
-    from hf_csr.configuration import CSRTrainingArguments
-    from hf_csr.data import FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    from hf_csr.models import create_robust_classifier
-    from hf_csr.trainer import CSRTrainer
-
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}; got {method!r}.")
-    train, test = load_data(dataset, settings, seed)
-    torch.manual_seed(seed)
-    model = create_robust_classifier(
-        "preact_resnet18", class_names=train.class_names, num_channels=1, image_size=28, mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD, width=settings.width, num_blocks=tuple(settings.num_blocks),
-        threat_model={"norm": "Linf", "eps": settings.attack_eps},
-    )
-    args = CSRTrainingArguments(
-        output_dir=str(Path(output_dir) / "trainer"), num_train_epochs=settings.epochs,
-        per_device_train_batch_size=settings.batch_size, learning_rate=settings.learning_rate,
-        lr_milestones=settings.milestones(), attack_eps=settings.attack_eps, attack_steps=settings.attack_steps,
-        horizontal_flip=False, crop_padding=2, save_strategy="no",
-        logging_steps=50, disable_tqdm=True, seed=seed, use_cpu=not torch.cuda.is_available(),
-        **_method_settings(method, settings),
-    )
-    trainer = CSRTrainer(model=model, args=args, train_dataset=train)
-    trainer.train()
-    return trainer, train, test
-
-
-def robust_attacks(settings: ReproductionSettings):
-    """The evaluation attacks of ``settings`` (AutoAttack with the preset's reduced budgets, if any)."""
-    import dataclasses
-
-    from hf_csr.evaluation.specs import AutoAttackConfig, parse_attacks
-
-    attacks = parse_attacks(settings.eval_attacks)[1:]  # without the leading clean
-    return [dataclasses.replace(a, n_iter=settings.aa_n_iter or a.n_iter, n_queries=settings.aa_n_queries or a.n_queries)
-            if isinstance(a, AutoAttackConfig) else a for a in attacks]
-
-
-def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir: Path) -> Dict[str, Any]:
-    """Train and evaluate one (dataset, method, seed); returns the results dict (also written to disk)."""
-    from hf_csr.evaluation import evaluate_robustness
-
-    start = time.time()
-    trainer, train, test = train_method(dataset, method, seed, settings, run_dir)
-    trained = time.time()
-    report = evaluate_robustness(
-        trainer.accelerator.unwrap_model(trainer.model), test, attacks=robust_attacks(settings), norm="Linf",
-        eps=settings.attack_eps, batch_size=256, seed=seed, device=trainer.args.device, progress=False,
-    )
-    results = report.to_dict()
-    results["train_class_counts"] = torch.bincount(train.labels, minlength=train.num_classes).tolist()
-    results["run"] = {"dataset": dataset, "method": method, "seed": seed, "settings": asdict(settings),
-                      "train_seconds": trained - start, "total_seconds": time.time() - start,
-                      "torch_threads": torch.get_num_threads()}
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(run_dir / "results.json", results)
-    logger.info("%s / %s / seed %d done in %.0f s", dataset, method, seed, time.time() - start)
-    return results
-
-
-def run_dir_for(output_dir: Path, dataset: str, method: str, seed: int) -> Path:
+def run_dir_for(output_dir, dataset: str, method: str, seed: int) -> Path:
     return Path(output_dir) / dataset / _slug(method) / f"seed{seed}"
 
 
-def run_reproduction(output_dir, settings: ReproductionSettings, *, datasets: Sequence[str] = DATASETS,
-                     methods: Sequence[str] = tuple(METHODS), seeds: Optional[Sequence[int]] = None) -> List[Path]:
-    """Run every missing (dataset, method, seed) in order -- seed-major, so a stopped run has all methods of
-    the first seeds -- and return the result files."""
+def run_arguments(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir):
+    """The runner's (ExperimentArguments, CSRTrainingArguments) for one run."""
+    import torch
+
+    from hf_csr.configuration import CSRTrainingArguments
+    from hf_csr.experiment import ExperimentArguments
+
+    if dataset not in DATASETS:
+        raise ValueError(f"dataset must be one of {list(DATASETS)}; got {dataset!r}.")
+    experiment = ExperimentArguments(
+        model="preact_resnet18", backbone_kwargs={"width": settings.width, "num_blocks": list(settings.num_blocks)},
+        dataset="fashion_mnist", train_limit=settings.train_examples, eval_limit=settings.eval_examples, subset_seed=0,
+        final_eval_attacks=settings.eval_attacks, eval_batch_size=settings.eval_batch_size,
+        long_tail_ratio=settings.long_tail_ratio if dataset == "fashion_mnist_lt" else None,
+        validation_size=settings.validation_size, validation_attack=settings.validation_attack,
+        extra_eval=settings.extra_eval,
+    )
+    training = CSRTrainingArguments(
+        output_dir=str(run_dir), num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
+        per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.eval_batch_size,
+        learning_rate=settings.learning_rate, lr_milestones=settings.milestones(), attack_eps=settings.attack_eps,
+        attack_steps=settings.attack_steps, horizontal_flip=False, crop_padding=2, save_strategy="epoch",
+        save_total_limit=1, resume_from_checkpoint="last", logging_steps=50, disable_tqdm=True, report_to="none",
+        seed=seed, use_cpu=not torch.cuda.is_available(), **method_flags(method, settings),
+    )
+    return experiment, training
+
+
+def _train_class_counts(experiment) -> List[int]:
+    from hf_csr.data.sources import load_image_dataset
+    from hf_csr.selection import split_training_set
+
+    train = load_image_dataset(experiment.dataset, experiment.train_split, limit=experiment.train_limit,
+                               seed=experiment.subset_seed)
+    train, _ = split_training_set(train, validation_size=experiment.validation_size,
+                                  long_tail_ratio=experiment.long_tail_ratio)
+    return [int((train.labels == c).sum()) for c in range(len(train.class_names))]
+
+
+def run_one(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir) -> Dict[str, Any]:
+    """Train and evaluate one (dataset, method, seed) through the runner; writes ``run.json`` last."""
+    import torch
+
+    from hf_csr.experiment import run
+    from hf_csr.utils import atomic_write_json
+
+    run_dir = Path(run_dir)
+    start = time.time()
+    experiment, training = run_arguments(dataset, method, seed, settings, run_dir)
+    results = run(experiment, training)
+    record = {"dataset": dataset, "method": method, "seed": seed, "settings": asdict(settings),
+              "flags": method_flags(method, settings), "train_class_counts": _train_class_counts(experiment),
+              "best_epoch": (results.get("best") or {}).get("selection", {}).get("best_epoch"),
+              "seconds": time.time() - start, "torch_threads": torch.get_num_threads()}
+    atomic_write_json(run_dir / "run.json", record)
+    for checkpoint in run_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: its resume points are no longer needed
+    logger.info("%s / %s / seed %d done in %.0f s", dataset, method, seed, record["seconds"])
+    return record
+
+
+def train_method(dataset: str, method: str, seed: int, settings: ReproductionSettings, run_dir):
+    """Run (or reuse) one run and return its final model (for the analyses)."""
+    from hf_csr.models import RobustImageClassifier
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file():
+        run_one(dataset, method, seed, settings, run_dir)
+    return RobustImageClassifier.from_pretrained(str(run_dir)).eval()
+
+
+def run_reproduction(output_dir, settings: ReproductionSettings, *, datasets: Optional[Sequence[str]] = None,
+                     methods: Sequence[str] = tuple(METHODS), seeds: Optional[Sequence[int]] = None,
+                     max_runs: Optional[int] = None) -> List[Path]:
+    """Run every missing (dataset, method, seed) -- seed-major, so a stopped reproduction has all methods of the
+    first seeds -- and return the run folders. ``max_runs`` stops after that many new runs (a session's piece)."""
     seeds = list(settings.seeds if seeds is None else seeds)
-    done = []
-    for dataset in datasets:
+    done, new = [], 0
+    for dataset in (settings.datasets if datasets is None else datasets):
         for seed in seeds:
             for method in methods:
-                run_dir = run_dir_for(Path(output_dir), dataset, method, seed)
-                path = run_dir / "results.json"
-                if path.exists():
-                    logger.info("skipping %s / %s / seed %d: %s exists", dataset, method, seed, path)
+                run_dir = run_dir_for(output_dir, dataset, method, seed)
+                if (run_dir / "run.json").is_file():
+                    logger.info("skipping %s / %s / seed %d: %s exists", dataset, method, seed, run_dir / "run.json")
+                elif max_runs is not None and new >= max_runs:
+                    logger.info("stopping after %d new run(s) (max_runs); rerun the command to continue", new)
+                    return done
                 else:
                     run_one(dataset, method, seed, settings, run_dir)
-                done.append(path)
+                    new += 1
+                done.append(run_dir)
     return done
 
 
-# --------------------------------------------------------------------------- the table
-def _robust_key(attacks: Dict[str, Any]) -> Optional[str]:
-    names = [name for name in attacks if name not in ("clean", "worst_of_all")]
-    auto = [name for name in names if name.startswith("autoattack")]
-    return (auto or names or [None])[0]
+def override(settings: ReproductionSettings, **changes) -> ReproductionSettings:
+    """``settings`` with some fields changed (the name marked with ``*``)."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    return replace(settings, name=f"{settings.name}*", **changes) if changes else settings
 
 
-def collect(output_dir) -> List[Dict[str, Any]]:
-    rows = []
-    for path in sorted(Path(output_dir).glob("*/*/seed*/results.json")):
-        with open(path, encoding="utf-8") as handle:
-            results = json.load(handle)
-        attacks = results["attacks"]
-        key = _robust_key(attacks)
-        rows.append({
-            **{k: results["run"][k] for k in ("dataset", "method", "seed")},
-            "settings": results["run"]["settings"]["name"], "seconds": results["run"]["total_seconds"],
-            "clean": attacks["clean"]["accuracy"], "clean_worst": attacks["clean"]["worst_class"]["accuracy"],
-            "aa": attacks[key]["accuracy"] if key else float("nan"),
-            "aa_worst": attacks[key]["worst_class"]["accuracy"] if key else float("nan"),
-            "attack": key,
-        })
-    return rows
+def parse_list(text: Optional[str], known: Sequence[str], what: str) -> Optional[List[str]]:
+    """A comma-separated subset of ``known`` (None stays None)."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    bad = sorted(set(items) - set(known))
+    if bad:
+        raise ValueError(f"{what}: unknown {bad}; choose from {list(known)}.")
+    return items
 
 
-def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
-    """{dataset: {method: {metric: (mean, std, n)}}} in percent (std over seeds, ddof=0 for n = 1)."""
-    out: Dict[str, Dict[str, Dict[str, Any]]] = {}
-    for row in rows:
-        out.setdefault(row["dataset"], {}).setdefault(row["method"], {"rows": []})["rows"].append(row)
-    for dataset, methods in out.items():
-        for method, entry in methods.items():
-            for metric in ("clean", "clean_worst", "aa", "aa_worst"):
-                values = np.array([100.0 * r[metric] for r in entry["rows"]])
-                entry[metric] = (float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0, len(values))
-            entry["seeds"] = sorted(r["seed"] for r in entry["rows"])
-            entry["seconds"] = float(sum(r["seconds"] for r in entry["rows"]))
-            entry["attack"] = entry["rows"][0]["attack"]
-    return out
+def read_json(path) -> Dict[str, Any]:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def markdown_table(summary: Dict[str, Dict[str, Any]], methods: Sequence[str] = tuple(METHODS)) -> str:
-    lines = ["| Method | Clean (%) | Worst (%) | AA (%) | Worst (%) | seeds |", "| --- | --- | --- | --- | --- | --- |"]
-    order = [m for m in methods if m in summary] + sorted(set(summary) - set(methods))
-    for method in order:
-        e = summary[method]
-        cells = [f"{e[m][0]:.2f} ± {e[m][1]:.2f}" for m in ("clean", "clean_worst", "aa", "aa_worst")]
-        lines.append(f"| {method} | " + " | ".join(cells) + f" | {len(e['seeds'])} |")
+def settings_table(presets: Sequence[ReproductionSettings]) -> str:
+    """The presets side by side, as markdown."""
+    keys = ("epochs", "train_examples", "eval_examples", "validation_size", "batch_size", "learning_rate", "width",
+            "num_blocks", "attack_steps", "eval_attacks", "extra_eval", "seeds", "datasets")
+    lines = ["| setting | " + " | ".join(p.name for p in presets) + " |", "| --- |" + " --- |" * len(presets)]
+    for key in keys:
+        cells = []
+        for p in presets:
+            value = getattr(p, key)
+            value = "all" if value is None and key in ("train_examples", "eval_examples") else value
+            value = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
+            cells.append(f"`{value}`" if isinstance(value, str) and key in ("eval_attacks", "extra_eval") else str(value))
+        lines.append(f"| {key} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def reading(summary: Dict[str, Dict[str, Any]]) -> str:
-    """A mechanical reading of the two worst-class columns: is the better CSR variant ahead of every other
-    method, and by more than the larger of the two seed standard deviations?"""
-    csr = {m: e for m, e in summary.items() if m.startswith("CSR")}
-    others = {m: e for m, e in summary.items() if not m.startswith("CSR")}
-    if not csr or not others:
-        return "Not enough methods finished to compare CSR with the baselines."
-    sentences = []
-    for metric, label in (("aa_worst", "worst-class AA"), ("clean_worst", "worst-class clean")):
-        best_csr = max(csr, key=lambda m: csr[m][metric][0])
-        best_other = max(others, key=lambda m: others[m][metric][0])
-        c, o = csr[best_csr][metric], others[best_other][metric]
-        gap, noise = c[0] - o[0], max(c[1], o[1])
-        if gap == 0:
-            verdict = "a tie"
-        elif gap > 0 and noise > 0 and gap > noise:
-            verdict = "CSR ahead by more than the seed standard deviations"
-        elif gap > 0:
-            verdict = "CSR ahead, but within seed noise" + (" (one seed: no noise estimate)" if noise == 0 else "")
-        else:
-            verdict = "CSR behind"
-        sentences.append(f"{label}: best CSR {best_csr} {c[0]:.2f} ± {c[1]:.2f} vs best other {best_other} "
-                         f"{o[0]:.2f} ± {o[1]:.2f} ({gap:+.2f} points: {verdict}).")
-    return " ".join(sentences)
+# --------------------------------------------------------------------------- wall-time estimates
+FASHION_MNIST_TRAIN_PER_CLASS = 6000
+FASHION_MNIST_TEST = 10000
 
 
-BEGIN, END = "<!-- reproduction:{}:begin -->", "<!-- reproduction:{}:end -->"
+def _train_size(settings: ReproductionSettings, dataset: str) -> int:
+    per_class = (settings.train_examples or 10 * FASHION_MNIST_TRAIN_PER_CLASS) // 10 - (settings.validation_size or 0) // 10
+    if dataset == "fashion_mnist_lt":  # exponential subsampling: n_max * sum_c ratio^(-c/9)
+        return int(sum(per_class * settings.long_tail_ratio ** (-c / 9) for c in range(10)))
+    return 10 * per_class
 
 
-def write_report(output_dir, path="REPRODUCTION.md", *, command: str = "", notes: str = "", section: str = "results") -> str:
-    """Write the Table-3-shaped tables of every finished run under ``output_dir`` into ``path``, between
-    the markers ``<!-- reproduction:<section>:begin/end -->`` (the text around them is kept; the
-    block is appended when the markers are absent). Returns the generated block."""
-    rows = collect(output_dir)
-    summary = summarize(rows)
-    parts = [BEGIN.format(section), f"### Results: `{output_dir}`", ""]
-    if command:
-        parts += ["Last command:", "", "```", command, "```", ""]
-    if notes:
-        parts += [notes, ""]
-    total = sum(r["seconds"] for r in rows)
-    sizes = sorted({r["settings"] for r in rows})
-    parts.append(f"Finished runs: {len(rows)} (settings: {', '.join(sizes) or 'none'}), total run time "
-                 f"{total / 60:.1f} min.")
-    parts.append("")
-    for dataset in DATASETS:
-        if dataset not in summary:
-            continue
-        attack = next(iter(summary[dataset].values()))["attack"]
-        minutes = sum(e["seconds"] for e in summary[dataset].values()) / 60
-        parts += [f"#### {dataset} (robust column: `{attack}`, mean ± std over seeds; {minutes:.1f} min)", "",
-                  markdown_table(summary[dataset]), "", "Reading: " + reading(summary[dataset]), ""]
-    parts.append(END.format(section))
-    block = "\n".join(parts)
-    path = Path(path)
-    existing = path.read_text(encoding="utf-8") if path.exists() else "# Reproduction on Fashion-MNIST (Table 3 shape)\n"
-    begin, end = BEGIN.format(section), END.format(section)
-    if begin in existing and end in existing:
-        head, rest = existing.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = existing.rstrip("\n") + "\n\n" + block + "\n"
-    from hf_csr.utils import atomic_write_text
+def _attack_units(attacks: str, examples: int, robust: float) -> float:
+    """Forward-backward passes per evaluation: PGD-k = k; APGD-CE = 100 on every image, APGD-T = 9 targets x 100 on
+    the images still robust; standard AutoAttack adds FAB-T (about 2 x 9 x 100) and Square (5,000 forwards,
+    about a third of a forward-backward each) on the robust ones."""
+    import re
 
-    atomic_write_text(path, text)
-    return block
+    units = float(examples)  # the clean pass
+    for name in [a for a in attacks.split(",") if a.strip()]:
+        name = name.strip()
+        match = re.fullmatch(r"(pgd|cw)(\d+)", name)
+        if match:
+            units += examples * int(match.group(2))
+        elif name == "autoattack":
+            units += examples * (100 + robust * (900 + 1800 + 5000 / 3))
+        elif name.startswith("autoattack:"):
+            parts = name.split(":", 1)[1].split("+")
+            units += examples * (100 * ("apgd-ce" in parts) + robust * 900 * ("apgd-t" in parts))
+    return units
+
+
+def estimate_seconds(settings: ReproductionSettings, method: str, dataset: str, *, ms_per_unit: float = 1.0,
+                     robust: Optional[float] = None) -> Dict[str, float]:
+    """Estimated wall time of one run, in seconds, by part: the passes a run makes (one unit = one image's forward +
+    backward through the preset's model) times ``ms_per_unit``. ``robust``: the share of test images APGD-CE leaves
+    robust (default 0.6 balanced, 0.3 long-tailed, from the earlier runs). The runner's PGD-k training step costs
+    k + 2 units (TRADES included); CSR's ``epoch`` pass adds PGD-10 over the training set every epoch."""
+    robust = (0.6 if dataset == "fashion_mnist" else 0.3) if robust is None else robust
+    n_train = _train_size(settings, dataset)
+    epochs = settings.epochs if settings.max_steps is None else settings.max_steps * settings.batch_size / n_train
+    flags = method_flags(method, settings)
+    train = epochs * n_train * (settings.attack_steps + 2)
+    if flags.get("csr_confusion_source") == "epoch":
+        train += epochs * n_train * 11
+    if "fairness_val_size" in flags:
+        train += epochs * settings.fairness_val_size * 11
+    validation = epochs * (settings.validation_size or 0) * (int(settings.validation_attack[3:]) + 1)
+    n_test = settings.eval_examples or FASHION_MNIST_TEST
+    checkpoints = 2 if settings.validation_size else 1
+    evaluation = checkpoints * _attack_units(settings.eval_attacks, n_test, robust)
+    if settings.extra_eval:
+        attacks, examples = settings.extra_eval.rsplit("@", 1)
+        evaluation += checkpoints * _attack_units(attacks, int(examples), robust)
+    scale = ms_per_unit / 1000.0
+    return {"train": (train + validation) * scale, "evaluation": evaluation * scale,
+            "total": (train + validation + evaluation) * scale}
+
+
+def estimate_table(settings: ReproductionSettings, methods: Sequence[str], *, ms_per_unit: float = 1.0) -> str:
+    """Per (dataset, method): hours per run (training / evaluation / total) and the preset's total over its seeds."""
+    lines = ["| dataset | method | training (h) | evaluation (h) | run (h) | x seeds (h) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    grand = 0.0
+    for dataset in settings.datasets:
+        for method in methods:
+            e = estimate_seconds(settings, method, dataset, ms_per_unit=ms_per_unit)
+            total = e["total"] * len(settings.seeds) / 3600
+            grand += total
+            lines.append(f"| {dataset} | {method} | {e['train'] / 3600:.1f} | {e['evaluation'] / 3600:.1f} | "
+                         f"{e['total'] / 3600:.1f} | {total:.1f} |")
+    lines.append(f"| all | {len(methods)} methods x {len(settings.seeds)} seeds | | | | **{grand:.0f}** |")
+    return "\n".join(lines)
+
+
+def calibrate_ms_per_unit(settings: ReproductionSettings, *, batch_size: int = 128, repeats: int = 10) -> float:
+    """Milliseconds per image forward + backward through the preset's model on this machine now (batch
+    ``batch_size``, training mode, input gradients as an attack needs them): the unit of :func:`estimate_seconds`."""
+    import torch
+
+    from hf_csr.data import FASHION_MNIST_CLASSES
+    from hf_csr.models import create_robust_classifier
+
+    model = create_robust_classifier("preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
+                                     width=settings.width, num_blocks=tuple(settings.num_blocks))
+    x = torch.rand(batch_size, 1, 28, 28, requires_grad=True)
+    y = torch.arange(batch_size) % 10
+
+    def step():
+        out = model(x)
+        torch.nn.functional.cross_entropy(getattr(out, "logits", out), y).backward()
+
+    step()  # warm-up
+    start = time.perf_counter()
+    for _ in range(repeats):
+        step()
+    return (time.perf_counter() - start) / repeats / batch_size * 1000.0

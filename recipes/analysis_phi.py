@@ -14,7 +14,7 @@ from hf_csr_paper.reproduction import METHODS, SIZES
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="quick", help="Training budget (hf_csr_paper.reproduction).")
-    parser.add_argument("--methods", default="PGD-AT,CSR gamma=0.0 (TRADES)", help=f"Comma-separated, from {list(METHODS)}.")
+    parser.add_argument("--methods", default="PGD-AT,CSR reference/epoch", help=f"Comma-separated, from {list(METHODS)}.")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output_dir", default="outputs/analysis")
     args = parser.parse_args(argv)

@@ -15,7 +15,7 @@ from hf_csr_paper.reproduction import METHODS, SIZES
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="quick")
-    parser.add_argument("--methods", default="PGD-AT,TRADES,CSR gamma=0.0 (TRADES)", help=f"Comma-separated, from {list(METHODS)}.")
+    parser.add_argument("--methods", default="PGD-AT,TRADES,CSR reference/epoch", help=f"Comma-separated, from {list(METHODS)}.")
     parser.add_argument("--examples", type=int, default=500, help="Training images the accuracy drop is measured on.")
     parser.add_argument("--samples", type=int, default=50, help="Perturbations per sigma^2 (paper: 50).")
     parser.add_argument("--seed", type=int, default=0)

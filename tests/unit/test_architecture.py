@@ -31,7 +31,7 @@ LAYERS = [
     ("L2 data, models, metrics", ["hf_csr.data", "hf_csr.models", "hf_csr.metrics"]),
     ("L3 fairness, evaluation", ["hf_csr.fairness", "hf_csr.evaluation"]),
     ("L4 hub", ["hf_csr.hub"]),
-    ("L5 training", ["hf_csr.configuration", "hf_csr.trainer", "hf_csr.safety"]),
+    ("L5 training", ["hf_csr.configuration", "hf_csr.trainer", "hf_csr.safety", "hf_csr.selection"]),
     ("L6 application", ["hf_csr.experiment", "hf_csr.recipes", "hf_csr.quickstart", "hf_csr.cli",
                         "hf_csr.hub.commands", "hf_csr.evaluation.command"]),
 ]

@@ -1,0 +1,94 @@
+"""The runner's held-out validation split, best-checkpoint selection and long tail (hf_csr.selection)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_csr.experiment as experiment_module
+from hf_csr.data import TensorImageDataset
+from hf_csr.experiment import parse_args, run
+from hf_csr.selection import BestCheckpointCallback, split_training_set
+
+TINY = ["--model", "preact_resnet18", "--backbone_kwargs", '{"width": 4, "num_blocks": [1, 1, 1, 1]}',
+        "--dataset", "fashion_mnist", "--train_limit", "64", "--eval_limit", "30",
+        "--per_device_train_batch_size", "16", "--attack_steps", "2", "--final_eval_attacks", "clean,pgd3",
+        "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no", "--logging_steps", "1"]
+
+
+def labelled(n=200, k=4):
+    labels = torch.arange(n) % k
+    return TensorImageDataset(torch.zeros(n, 1, 4, 4, dtype=torch.uint8), labels, [str(c) for c in range(k)], name="toy")
+
+
+def test_split_is_stratified_disjoint_fixed_and_long_tail_after_it():
+    data = labelled()
+    train, validation = split_training_set(data, validation_size=40)
+    assert np.bincount(validation.labels.numpy()).tolist() == [10, 10, 10, 10]
+    assert len(train) == 160
+    again, validation2 = split_training_set(data, validation_size=40)
+    assert torch.equal(validation.labels, validation2.labels)
+    lt, validation3 = split_training_set(data, validation_size=40, long_tail_ratio=10)
+    counts = np.bincount(lt.labels.numpy()).tolist()
+    assert counts[0] == 40 and counts[-1] == 4 and torch.equal(validation3.labels, validation.labels)
+    assert split_training_set(data) == (data, None)
+    with pytest.raises(ValueError, match="smaller than the training set"):
+        split_training_set(data, validation_size=200)
+
+
+def test_validation_keeps_the_best_epoch_not_the_last(tmp_path, monkeypatch):
+    scores = {1: 0.2, 2: 0.9, 3: 0.4}  # the validation accuracies the selection sees, by epoch
+    weights_at = {}
+
+    class Scripted(BestCheckpointCallback):
+        def on_epoch_end(self, args, state, control, **kwargs):
+            real = self.trainer.robustness_report
+            epoch = int(round(state.epoch))
+            model = self.trainer.accelerator.unwrap_model(self.trainer.model)
+            weights_at[epoch] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+            def scripted(dataset, attacks, **kw):
+                report = real(dataset, attacks, **kw)
+                data = report.to_dict()
+                data["attacks"][self.attack]["accuracy"] = scores[epoch]
+                return type("Scripted", (), {"to_dict": lambda self: data})()
+
+            self.trainer.robustness_report = scripted
+            try:
+                return super().on_epoch_end(args, state, control, **kwargs)
+            finally:
+                self.trainer.robustness_report = real
+
+    monkeypatch.setattr(experiment_module, "BestCheckpointCallback", Scripted)
+    out = tmp_path / "run"
+    experiment, training = parse_args(TINY + ["--num_train_epochs", "3", "--validation_size", "20",
+                                              "--validation_attack", "pgd2", "--output_dir", str(out)])
+    results = run(experiment, training)
+    record = json.loads((out / "best" / "selection.json").read_text())
+    assert record["best_epoch"] == 2 and [h["epoch"] for h in record["history"]] == [1, 2, 3]
+    assert record["validation_size"] == 20
+    best = load_file(str(out / "best" / "model.safetensors"))
+    assert all(torch.equal(best[k], weights_at[2][k].cpu()) for k in best)
+    assert not all(torch.equal(best[k], weights_at[3][k].cpu()) for k in best if k.endswith("weight"))
+    best_results = json.loads((out / "best" / "results.json").read_text())
+    final_results = json.loads((out / "results.json").read_text())
+    assert set(best_results["attacks"]) == set(final_results["attacks"]) >= {"clean", "pgd3"}
+    assert results["best"]["selection"]["best_epoch"] == 2
+    # the final weights are back in place after the best ones were evaluated
+    final = load_file(str(out / "model.safetensors"))
+    assert any(not torch.equal(final[k], best[k]) for k in best if k in final)
+
+
+def test_extra_eval_on_a_fixed_subset_and_long_tail(tmp_path):
+    out = tmp_path / "run"
+    experiment, training = parse_args(TINY + ["--max_steps", "1", "--long_tail_ratio", "4", "--extra_eval", "pgd2@10",
+                                              "--output_dir", str(out)])
+    results = run(experiment, training)
+    assert results["attacks"]["pgd3"]["num_examples"] == 30 and "pgd2" not in results["attacks"]
+    assert results["extra_eval"]["attacks"]["pgd2"]["num_examples"] == 10
+    extra = json.loads((out / "extra_eval" / "results.json").read_text())
+    assert extra["num_examples"] == 10 and (out / "extra_eval" / "classwise_accuracy.png").is_file()
+    with pytest.raises(ValueError, match="attacks@examples"):
+        parse_args(TINY + ["--extra_eval", "autoattack"])
