@@ -26,7 +26,7 @@ from accelerate import PartialState
 from transformers import AutoModelForImageClassification, HfArgumentParser, set_seed
 
 from .configuration import CSRTrainingArguments
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
+from .data import DATASETS, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
 from .utils import atomic_write_json, launched_processes
@@ -379,9 +379,8 @@ def build_model(experiment: ExperimentArguments, training: CSRTrainingArguments,
         model = AutoModelForImageClassification.from_pretrained(name)
     elif timm.is_model(name):
         channels, size = _image_geometry(train_dataset)
-        mean = std = None
-        if experiment.dataset == "fashion_mnist":
-            mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        info = DATASETS.get(experiment.dataset)  # a registered dataset's statistics; else the backbone's
+        mean, std = (info.mean, info.std) if info is not None and info.num_channels == channels else (None, None)
         model = create_robust_classifier(
             name, class_names=class_names, num_channels=channels, image_size=size, mean=mean, std=std,
             threat_model=threat, **(experiment.backbone_kwargs or {}),

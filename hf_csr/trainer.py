@@ -738,9 +738,9 @@ class CSRTrainer(Trainer):
         args = self.args
         images, labels = dataset, None
         if limit is not None and limit < len(dataset) and hasattr(dataset, "subset"):
-            from .data import balanced_subset
+            from .data import stratified_subset
 
-            images = dataset.subset(balanced_subset(dataset.labels.numpy(), limit, args.seed))
+            images = dataset.subset(stratified_subset(dataset.labels.numpy(), limit, args.seed))
         elif not hasattr(dataset, "tensors"):
             items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
             batch = RobustImageCollator(augment=False)(items)

@@ -19,6 +19,8 @@ __all__ = [
     "MAX_ATTACK_STEPS",
     "MAX_CROP_PADDING",
     "check_finite_number",
+    "check_positive_int",
+    "check_choice",
     "check_budget",
     "check_seed",
     "check_channels_last_images",
@@ -53,6 +55,22 @@ def check_finite_number(
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}; got {value:g}.")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum:g}; got {value:g}.")
+    return value
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> Optional[int]:
+    """``value`` as an int; ``ValueError`` unless it is an integer >= 1 (or None with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}.")
+    return int(value)
+
+
+def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
+    """``value`` unchanged; ``ValueError`` naming the allowed values unless it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
     return value
 
 

@@ -508,7 +508,7 @@ def prepare_training_data(model: nn.Module, dataset: Any, name: str) -> Any:
 def _from_hf_dataset(model, dataset, name: str):
     import datasets as hf_datasets
 
-    from ..data.sources import _dataset, _hf_images, _hf_labels, _pick_column
+    from ..data.sources import dataset_from_arrays, hf_images, hf_labels, pick_column
 
     columns = list(dataset.column_names)
     if "pixel_values" in columns and ("labels" in columns or "label" in columns):
@@ -517,8 +517,8 @@ def _from_hf_dataset(model, dataset, name: str):
             "'label'), or set its format to torch and rename the label column to 'labels'."
         )
     try:
-        image_column = _pick_column(dataset, None, hf_datasets.Image, ("image", "img", "images"), "image", "image_column")
-        label_column = _pick_column(dataset, None, hf_datasets.ClassLabel, ("label", "labels"), "label", "label_column")
+        image_column = pick_column(dataset, None, hf_datasets.Image, ("image", "img", "images"), "image", "image_column")
+        label_column = pick_column(dataset, None, hf_datasets.ClassLabel, ("label", "labels"), "label", "label_column")
     except ValueError as error:
         raise ValueError(
             f"{name}: {error}. CSRTrainer takes a datasets.Dataset with an 'image' (or 'img') column and a 'label' (or "
@@ -527,14 +527,14 @@ def _from_hf_dataset(model, dataset, name: str):
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     model_names = [str(id2label[k]) for k in sorted(id2label, key=int)] or None
-    labels, names = _hf_labels(dataset, label_column, model_names)
+    labels, names = hf_labels(dataset, label_column, model_names)
     channels = getattr(config, "num_channels", None)
-    images = _hf_images(dataset, image_column, channels if channels in (1, 3) else None)
+    images = hf_images(dataset, image_column, channels if channels in (1, 3) else None)
     if model_names is not None and len(names) < len(model_names):
         names = list(model_names)
     logger.info("%s: converted the datasets.Dataset (%d images, columns %r / %r)", name, len(labels), image_column,
                 label_column)
-    return _dataset(images, labels, names, name)
+    return dataset_from_arrays(images, labels, names, name)
 
 
 def _check_geometry(model, dataset, name: str) -> None:
