@@ -294,7 +294,7 @@ def _generated_dataset(experiment: ExperimentArguments, training: CSRTrainingArg
     ``metadata.json`` the converter writes last) is reused, an interrupted one redone. On several nodes,
     each node's first process then does the same, which finds the conversion on a shared filesystem and
     converts again on a node-local one."""
-    from .hub.generated_data import GeneratedImageDataset
+    from .data.generated import GeneratedImageDataset
 
     source = experiment.generated_data
     if os.path.isdir(source):
@@ -313,7 +313,7 @@ def _generated_dataset(experiment: ExperimentArguments, training: CSRTrainingArg
 
 
 def _convert_or_reuse(names: List[str], target: Path, class_names: List[str]) -> None:
-    from .hub.generated_data import convert_generated_data, download_generated_data, find_conversion
+    from .data.generated import convert_generated_data, download_generated_data, find_conversion
 
     paths = [Path(p) if os.path.exists(p) else download_generated_data(p) for p in names]
     if find_conversion(target, paths, num_classes=len(class_names)) is not None:
@@ -369,7 +369,7 @@ def check_launch(training: Optional[CSRTrainingArguments] = None) -> None:
 
 def build_model(experiment: ExperimentArguments, training: CSRTrainingArguments, train_dataset) -> RobustImageClassifier:
     """A model for ``experiment.model`` whose classes match the training data."""
-    from .hub import PUBLISHED_CHECKPOINTS, load_published
+    from .models.published import PUBLISHED_CHECKPOINTS, load_published
 
     name, class_names = experiment.model, list(train_dataset.class_names)
     threat = {"norm": training.attack_norm, "eps": float(training.attack_eps)}

@@ -6,11 +6,12 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
 from fractions import Fraction
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, Iterator, Optional, Sequence, Union
 
 import torch
@@ -28,6 +29,9 @@ __all__ = [
     "atomic_save",
     "derived_seed",
     "ensure_writable_dir",
+    "hub_file",
+    "public_path",
+    "read_json_object",
 ]
 
 _INPUT_CHECKS = contextvars.ContextVar("hf_csr_input_checks", default=True)
@@ -224,3 +228,38 @@ def ensure_writable_dir(path: Union[str, Path], name: str, hint: str = "") -> Pa
     except OSError as error:
         raise ValueError(f"{name} {str(directory)!r} is not a writable directory ({error}).{hint}") from error
     return directory
+
+
+def hub_file(repo_id: str, filename: str, *, repo_type: str = "model", revision: Optional[str] = None, **kwargs) -> Path:
+    """``hf_hub_download`` (HF cache, ``HF_ENDPOINT``, offline mode), with a clear error when the file is
+    neither cached nor reachable."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    logging.getLogger(__name__).info("Fetching %s from the Hub %s repo %s (revision %s).", filename, repo_type, repo_id, revision or "main")
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, **kwargs))
+    except RemoteEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{filename!r} does not exist in the Hub {repo_type} repo {repo_id!r} at revision {revision or 'main'!r}."
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{filename!r} of the Hub {repo_type} repo {repo_id!r} is not in the HF cache and the Hub cannot be reached "
+            f"(offline mode HF_HUB_OFFLINE=1, local_files_only, or no connection): {error} Download it where the Hub "
+            "is reachable (the same cache works offline afterwards) or pass a local file."
+        ) from error
+
+
+def public_path(value: Any) -> Any:
+    """A string that names a local file or folder (absolute, or existing here) -> its last component, so
+    nothing pushed to the Hub (card, results.json) reveals a local path; Hub ids and other values unchanged."""
+    if not isinstance(value, str) or not value or "\n" in value or len(value) > 4096:
+        return value
+    if value.startswith("local-dir:"):  # timm's local folders
+        return "local-dir:" + str(public_path(value[len("local-dir:"):]))
+    try:
+        local = os.path.isabs(value) or value.startswith(("~", "./", "../")) or os.path.exists(value)
+    except (OSError, ValueError):
+        return value
+    return PurePosixPath(value.replace(os.sep, "/").rstrip("/")).name or value if local else value

@@ -13,7 +13,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForImageClassification
 
 import hf_csr  # noqa: F401
-from hf_csr.hub import HubPushError, load_published, push_checkpoint, write_model_card
+from hf_csr.hub import HubPushError, push_checkpoint, write_model_card
+from hf_csr.models.published import load_published
 
 from .hub_server import local_hub  # noqa: F401  (fixture)
 from .reference_models import ddpm_state_dict

@@ -24,14 +24,8 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..utils import atomic_write_text, read_json_object
-from .checkpoints import DATASETS
-
-#: Datasets a card can name: display name and Hub dataset id (``hf-csr card --dataset``).
-CARD_DATASETS: Dict[str, tuple] = {
-    **{key: (info.name, info.hub_id) for key, info in DATASETS.items()},
-    "fashion_mnist": ("Fashion-MNIST", "zalando-datasets/fashion_mnist"),
-}
+from ..utils import atomic_write_text, public_path, read_json_object
+from ..data.registry import DATASETS as CARD_DATASETS  # the datasets a card can name (``hf-csr card --dataset``)
 
 __all__ = ["MODEL_CARD_TEMPLATE", "ATTACK_NAMES", "CARD_DATASETS", "escape_markdown", "framework_versions",
            "public_path", "render_model_card", "write_model_card"]
@@ -169,20 +163,6 @@ def _validated_repo_id(value: Optional[str], name: str) -> Optional[str]:
     return value
 
 
-def public_path(value: Any) -> Any:
-    """A string that names a local file or folder (absolute, or existing here) -> its last component, so
-    nothing pushed to the Hub (card, results.json) reveals a local path; Hub ids and other values unchanged."""
-    if not isinstance(value, str) or not value or "\n" in value or len(value) > 4096:
-        return value
-    if value.startswith("local-dir:"):  # timm's local folders
-        return "local-dir:" + str(public_path(value[len("local-dir:"):]))
-    try:
-        local = os.path.isabs(value) or value.startswith(("~", "./", "../")) or os.path.exists(value)
-    except (OSError, ValueError):
-        return value
-    return PurePosixPath(value.replace(os.sep, "/").rstrip("/")).name or value if local else value
-
-
 def _scrub(value: Any) -> Any:
     """:func:`public_path` applied to every string inside ``value`` (dicts, lists)."""
     if isinstance(value, Mapping):
@@ -210,7 +190,7 @@ def _dataset_ids(dataset: Optional[str], dataset_id: Optional[str], datasets: Op
     for item in datasets or []:
         item = str(item)
         if item in CARD_DATASETS:
-            item = CARD_DATASETS[item][1]
+            item = CARD_DATASETS[item].hub_id or item
         try:
             validate_repo_id(item)
         except HFValidationError:
@@ -273,8 +253,8 @@ def render_model_card(
     info = CARD_DATASETS.get(dataset) if dataset is not None else None
     if dataset is not None and info is None:
         raise ValueError(f"dataset must be one of {sorted(CARD_DATASETS)} or None; got {dataset!r}.")
-    dataset_name = dataset_name or (info[0] if info else "the evaluation data")
-    dataset_id = dataset_id or (info[1] if info else None)
+    dataset_name = dataset_name or (info.name if info else "the evaluation data")
+    dataset_id = dataset_id or (info.hub_id if info else None)
     dataset_ids = _dataset_ids(dataset, dataset_id, datasets)
     threat = results.get("threat_model") or config.get("threat_model")
     title = model_name or (repo_id.split("/")[-1] if repo_id else "Robust image classifier")
@@ -304,7 +284,7 @@ def render_model_card(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=dataset_id or "custom",
-            dataset_name=info[0] if info else public_path(dataset_name),
+            dataset_name=info.name if info else public_path(dataset_name),
             dataset_split="test",
             metric_config=key,
             metric_args=dict(threat) if threat and key != "clean" else None,
@@ -581,7 +561,8 @@ def dataset_card_info(*datasets: Any) -> Dict[str, Any]:
             base = name.split("[")[0]
             if base in CARD_DATASETS:
                 known = known or base
-                hub_ids.append(CARD_DATASETS[base][1])
+                if CARD_DATASETS[base].hub_id:
+                    hub_ids.append(CARD_DATASETS[base].hub_id)
             elif base.count("/") == 1 and not os.path.exists(base):
                 hub_ids.append(base)
     out: Dict[str, Any] = {}

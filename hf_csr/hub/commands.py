@@ -67,7 +67,7 @@ def _staged_directory(output: Path, overwrite: bool, keep=()) -> Iterator[Path]:
 
 def _convert(args: argparse.Namespace) -> int:
     from .cards import write_model_card
-    from .checkpoints import _resolve_source, load_published
+    from ..models.published import load_published, resolve_source as _resolve_source
 
     entry, _, repo_id, filename = _resolve_source(args.source, args.filename)
     model = load_published(
@@ -94,7 +94,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _convert_data(args: argparse.Namespace) -> int:
-    from .generated_data import convert_generated_data, download_generated_data
+    from ..data.generated import convert_generated_data, download_generated_data
 
     paths = [
         Path(source) if Path(source).is_file() else download_generated_data(source, revision=args.revision)
@@ -144,7 +144,8 @@ def _push(args: argparse.Namespace) -> int:
 def add_hub_commands(sub: argparse._SubParsersAction) -> None:
     """Register ``convert``, ``convert-data``, ``card`` and ``push`` on the ``hf-csr`` subparsers."""
     from .cards import CARD_DATASETS
-    from .checkpoints import DATASETS, PUBLISHED_CHECKPOINTS
+    from ..data.registry import DATASETS
+    from ..models.published import PUBLISHED_CHECKPOINTS
 
     convert = sub.add_parser(
         "convert",

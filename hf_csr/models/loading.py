@@ -6,7 +6,7 @@ input (the AutoAttack / RobustBench convention). It accepts:
 
 * an hf_csr model (a ``save_pretrained`` directory or Hub repo of a ``RobustImageClassifier``): loaded as
   it is, it already normalises inside;
-* a published checkpoint name (``wrn28_10_ddpm.dm_cifar10_linf``, see ``hf_csr.hub.PUBLISHED_CHECKPOINTS``)
+* a published checkpoint name (``wrn28_10_ddpm.dm_cifar10_linf``, see ``hf_csr.models.published.PUBLISHED_CHECKPOINTS``)
   or a checkpoint file (``.pt``/``.pth``/``.safetensors`` in a known layout), as the recipes take them;
 * any transformers image classifier (local directory or Hub repo) with its image processor: the
   processor's resize, centre crop, rescale and normalisation are *folded into the model*
@@ -199,7 +199,7 @@ def load_robust_model(
             logger.warning("%s: no --weights given: the factory's own (possibly random) weights are evaluated.", text)
         module = _call_factory(text, factory_kwargs or {})
         return _wrap_module(module, weights, class_names, num_classes, input_size, mean, std, threat_model, text)
-    from ..hub.checkpoints import PUBLISHED_CHECKPOINTS, load_published
+    from .published import PUBLISHED_CHECKPOINTS, load_published
 
     if text in PUBLISHED_CHECKPOINTS or (path.is_file() and path.suffix in _CHECKPOINT_SUFFIXES):
         return load_published(text, class_names=class_names, num_classes=num_classes, threat_model=threat_model,
@@ -262,9 +262,9 @@ def _call_factory(text: str, kwargs: Dict[str, Any]) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, weights: Union[str, os.PathLike]) -> None:
-    from ..hub.checkpoints import _state_dict, read_checkpoint
+    from .published import read_checkpoint, state_dict_of
 
-    state = _state_dict(read_checkpoint(weights), f"weights {str(weights)!r}")
+    state = state_dict_of(read_checkpoint(weights), f"weights {str(weights)!r}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -395,7 +395,7 @@ def _load_timm(name: str, class_names, threat_model) -> nn.Module:
 
 def _load_hub(repo_id: str, revision: Optional[str], class_names, threat_model) -> nn.Module:
     """A Hub repo: transformers (``model_type`` in config.json) or timm (``architecture``)."""
-    from ..hub.checkpoints import hub_file
+    from ..utils import hub_file
 
     try:
         config = _read_config(hub_file(repo_id, "config.json", revision=revision))
@@ -407,7 +407,7 @@ def _load_hub(repo_id: str, revision: Optional[str], class_names, threat_model) 
 
 
 def _public(name: str) -> str:
-    from ..hub.cards import public_path
+    from ..utils import public_path
 
     return public_path(name.replace("local-dir:", "")) if name.startswith("local-dir:") else public_path(name)
 

@@ -9,7 +9,7 @@ rescale to [0, 1], *no* normalisation), so ``pipeline("image-classification", mo
 A bare timm backbone from hf_csr's registry (``timm.create_model("wrn28_10_ddpm.dm_cifar10_linf",
 pretrained=True)``) does *not* normalise: it expects inputs already normalised with its ``pretrained_cfg``
 mean/std, so an attack budget on its input is not in pixel units. Use
-``hf_csr.hub.load_published("wrn28_10_ddpm.dm_cifar10_linf")`` (or ``hf_csr.load_robust_model``), which wraps
+``hf_csr.models.published.load_published("wrn28_10_ddpm.dm_cifar10_linf")`` (or ``hf_csr.load_robust_model``), which wraps
 it in a :class:`RobustImageClassifier` that normalises inside. The config records the
 backbone (name and arguments), mean/std, class names and the threat model the weights were trained
 for. ``save_pretrained`` writes safetensors; ``AutoModelForImageClassification.from_pretrained``
@@ -54,7 +54,7 @@ _MAX_CLASSES = 100_000
 THREAT_NORMS = ("Linf", "L2")
 
 
-def _check_backbone_name(name: Any) -> None:
+def check_backbone_name(name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone must be a timm model name (str); got {name!r}.")
     if not timm.is_model(name):
@@ -104,7 +104,7 @@ class RobustClassifierConfig(PreTrainedConfig):
     base_model: Optional[str] = None
 
     def __post_init__(self, **kwargs):
-        _check_backbone_name(self.backbone)
+        check_backbone_name(self.backbone)
         if self.backbone_kwargs is None:
             self.backbone_kwargs = {}
         if not isinstance(self.backbone_kwargs, dict):

@@ -30,9 +30,9 @@ import torch
 from numpy.lib import format as npy_format
 from tqdm.auto import tqdm
 
-from ..data.core import TensorImageDataset
-from ..utils import atomic_write_json
-from .checkpoints import DATASETS, hub_file
+from ..utils import atomic_write_json, hub_file
+from .core import TensorImageDataset
+from .registry import DATASETS
 
 __all__ = [
     "DDPM_DATA_REPO",
