@@ -21,7 +21,7 @@ from .reference_models import (
 
 @pytest.mark.parametrize(
     "name, expected_millions",
-    [("preact_resnet18", 11.2), ("wrn28_10_ddpm", 36.5), ("wrn34_10_ddpm", 46.2), ("wrn70_16_ddpm", 267.0),
+    [("preact_resnet18", 11.2), ("preact_resnet_tiny", 0.0776), ("wrn28_10_ddpm", 36.5), ("wrn34_10_ddpm", 46.2), ("wrn70_16_ddpm", 267.0),
      ("wrn28_10_trades", 36.5), ("wrn34_10_trades", 46.2), ("wrn70_16_trades", 267.0)],
 )
 def test_parameter_counts(name, expected_millions):

@@ -62,7 +62,7 @@ def check_backbone_name(name: Any) -> None:
         hint = f" Did you mean {close}?" if close else ""
         raise ValueError(
             f"unknown backbone {name!r}: it is not in timm's registry (after `import hf_csr`).{hint} "
-            "hf_csr registers preact_resnet18, wrn28_10_ddpm, wrn34_10_ddpm, wrn70_16_ddpm, wrn28_10_trades, "
+            "hf_csr registers preact_resnet18, preact_resnet_tiny, wrn28_10_ddpm, wrn34_10_ddpm, wrn70_16_ddpm, wrn28_10_trades, "
             "wrn34_10_trades and wrn70_16_trades; any timm model name also works."
         )
 
@@ -370,7 +370,8 @@ def create_robust_classifier(
     ``class_names`` (or ``num_classes``) fixes the classes; ``backbone_kwargs`` go to timm.
     ``dataset``: an hf_csr dataset (e.g. ``load_image_dataset(...)``) or anything yielding
     ``{"pixel_values": (C, H, W)}`` with ``class_names``: the classes, channels and image size not given
-    are taken from it (defaults without a dataset: 3 channels, 32 x 32). A mismatch between the model and
+    are taken from it (defaults without a dataset: the backbone's timm ``pretrained_cfg`` input size, else
+    3 channels, 32 x 32). A mismatch between the model and
     the data is also caught when the :class:`~hf_csr.CSRTrainer` is built.
     """
     if dataset is not None:
@@ -383,8 +384,9 @@ def create_robust_classifier(
         names = getattr(dataset, "class_names", None)
         if class_names is None and num_classes is None and names:
             class_names = list(names)
-    num_channels = 3 if num_channels is None else num_channels
-    image_size = 32 if image_size is None else image_size
+    cfg_channels, cfg_size = _default_input_size(backbone)
+    num_channels = cfg_channels if num_channels is None else num_channels
+    image_size = cfg_size if image_size is None else image_size
     if class_names is not None:
         names: List[str] = [str(n) for n in class_names]
         if num_classes is not None and num_classes != len(names):
@@ -405,6 +407,15 @@ def create_robust_classifier(
         label2id={n: i for i, n in enumerate(names)},
     )
     return RobustImageClassifier(config)
+
+
+def _default_input_size(backbone: str) -> tuple:
+    """(channels, size) of the backbone's timm ``pretrained_cfg`` when it names a square input, else (3, 32)."""
+    cfg = timm.models.get_pretrained_cfg(timm.models.get_arch_name(backbone) if "." not in backbone else backbone)
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    if size is None or len(size) != 3 or size[1] != size[2]:
+        return 3, 32
+    return int(size[0]), int(size[1])
 
 
 def _dataset_geometry(dataset: Any) -> tuple:
