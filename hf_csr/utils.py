@@ -12,7 +12,7 @@ import os
 import tempfile
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -31,6 +31,7 @@ __all__ = [
     "ensure_writable_dir",
     "hub_file",
     "public_path",
+    "scrub_paths",
     "read_json_object",
 ]
 
@@ -263,3 +264,12 @@ def public_path(value: Any) -> Any:
     except (OSError, ValueError):
         return value
     return PurePosixPath(value.replace(os.sep, "/").rstrip("/")).name or value if local else value
+
+
+def scrub_paths(value: Any) -> Any:
+    """:func:`public_path` applied to every string inside ``value`` (dicts, lists)."""
+    if isinstance(value, Mapping):
+        return {key: scrub_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [scrub_paths(item) for item in value]
+    return public_path(value)

@@ -138,13 +138,13 @@ def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
     the end of training or conversion) when ``model`` is a local directory; a Hub id becomes the card's repo id.
     """
     from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, write_model_card
-    from ..hub.cards import read_card_metadata as _read_json  # checked: a malformed card.json is a named error
+    from ..hub.cards import read_card_metadata  # checked: a malformed card.json is a named error
 
     kwargs = {}
     model_dir = Path(model)
     if model_dir.is_dir():
         if model_dir.resolve() != output_dir.resolve() and (model_dir / CARD_METADATA).is_file():
-            saved = _read_json(model_dir / CARD_METADATA)
+            saved = read_card_metadata(model_dir / CARD_METADATA)
             kwargs = {key: saved[key] for key in CARD_METADATA_KEYS if saved.get(key) is not None}
     elif model.count("/") == 1:
         kwargs["repo_id"] = model

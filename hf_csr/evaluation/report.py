@@ -294,13 +294,13 @@ def merge_results(path: Union[str, Path], new: Dict[str, Any]) -> Dict[str, Any]
     or cannot be read, it is kept beside as ``results.previous-N.json`` (with a warning) and ``new`` starts
     afresh. Local paths in ``model`` / ``dataset`` become their last component.
     """
-    from ..hub.cards import _scrub
+    from ..utils import scrub_paths
 
     path = Path(path)
     new = dict(new)
     for key in ("model", "dataset"):
         if key in new:
-            new[key] = _scrub(new[key])
+            new[key] = scrub_paths(new[key])
     n_new = new.get("num_examples")
     attacks_new = {name: {**entry, "num_examples": entry.get("num_examples", n_new), "seed": entry.get("seed", new.get("seed"))}
                    for name, entry in (new.get("attacks") or {}).items()}

@@ -24,7 +24,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from ..utils import atomic_write_text, public_path, read_json_object
+from ..utils import atomic_write_text, public_path, read_json_object, scrub_paths
 from ..data.registry import DATASETS as CARD_DATASETS  # the datasets a card can name (``hf-csr card --dataset``)
 
 __all__ = ["MODEL_CARD_TEMPLATE", "ATTACK_NAMES", "CARD_DATASETS", "escape_markdown", "framework_versions",
@@ -161,15 +161,6 @@ def _validated_repo_id(value: Optional[str], name: str) -> Optional[str]:
     except HFValidationError as error:
         raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r} ({error}).") from None
     return value
-
-
-def _scrub(value: Any) -> Any:
-    """:func:`public_path` applied to every string inside ``value`` (dicts, lists)."""
-    if isinstance(value, Mapping):
-        return {key: _scrub(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_scrub(item) for item in value]
-    return public_path(value)
 
 
 def framework_versions() -> Dict[str, str]:
@@ -322,7 +313,7 @@ def render_model_card(
         eval_results=eval_results or None,
         **{k: v for k, v in extra.items() if v},
     )
-    training = _scrub(dict(training or {}))
+    training = scrub_paths(dict(training or {}))
     training_rows = [
         {"key": escape_markdown(k), "value": _training_value(v)} for k, v in training.items()
     ]
@@ -406,7 +397,7 @@ def render_directory_card(
         if kwargs.get(key) is None and saved.get(key) is not None:
             kwargs[key] = saved[key]
     if kwargs.get("training") is not None:
-        kwargs["training"] = _scrub(dict(kwargs["training"]))
+        kwargs["training"] = scrub_paths(dict(kwargs["training"]))
     metadata = {key: kwargs[key] for key in CARD_METADATA_KEYS if kwargs.get(key) is not None}
     if results is None and (output_dir / "results.json").is_file():
         results = read_results(output_dir / "results.json")

@@ -67,9 +67,9 @@ def _staged_directory(output: Path, overwrite: bool, keep=()) -> Iterator[Path]:
 
 def _convert(args: argparse.Namespace) -> int:
     from .cards import write_model_card
-    from ..models.published import load_published, resolve_source as _resolve_source
+    from ..models.published import load_published, resolve_source
 
-    entry, _, repo_id, filename = _resolve_source(args.source, args.filename)
+    entry, _, repo_id, filename = resolve_source(args.source, args.filename)
     model = load_published(
         args.source, filename=args.filename, backbone=args.backbone, num_classes=args.num_classes,
         dataset=args.dataset, threat_model=args.threat_model, revision=args.revision, cache_dir=args.cache_dir,
