@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .utils import as_logits, check_choice, check_pixel_values, inputs_prevalidated
-from .validation import MAX_ATTACK_STEPS, check_budget
+from .utils import as_logits, check_pixel_values, inputs_prevalidated
+from .validation import MAX_ATTACK_STEPS, NORMS, check_budget, check_choice
 
 __all__ = [
     "NORMS",
@@ -33,7 +33,6 @@ __all__ = [
     "random_init",
 ]
 
-NORMS = ("Linf", "L2")
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "gaussian", "none")
 #: ``eval``: BatchNorm uses running statistics (TRADES, the released code).
@@ -237,8 +236,8 @@ def pgd_attack(
     check_choice("loss", loss, ATTACK_LOSSES)
     check_choice("random_start", random_start, RANDOM_STARTS)
     check_choice("bn_mode", bn_mode, BN_MODES)
+    check_budget(eps, norm, "eps")  # finite, > 0, and <= 1 for Linf on [0, 1] images
     eps = _as_budget(eps, "eps", x)
-    check_budget(eps, norm, "eps")  # finite, and <= 1 for Linf on [0, 1] images
     step_size = _as_budget(step_size, "step_size", x)
     _check_step_within_budget(step_size, eps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:

@@ -28,7 +28,7 @@ from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
 from .utils import parse_pixel_value
-from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list
+from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list, check_budget, check_choice
 
 __all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "resolve_fairness_config"]
 
@@ -163,23 +163,14 @@ class CSRTrainingArguments(TrainingArguments):
 
     # ------------------------------------------------------------------ validation
     def _validate_csr_fields(self) -> None:
-        def choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}.")
-
-        choice("base_loss", BASE_LOSSES)
+        check_choice("base_loss", self.base_loss, BASE_LOSSES)
         self.fairness_config = resolve_fairness_config(
             self.fairness_method, self.fairness_config, self.__dict__.pop("_method_settings", None) or {})
-        choice("attack_norm", NORMS)
-        choice("attack_bn_mode", BN_MODES)
+        check_choice("attack_norm", self.attack_norm, NORMS)
+        check_choice("attack_bn_mode", self.attack_bn_mode, BN_MODES)
         if self.attack_random_start is not None:
-            choice("attack_random_start", RANDOM_STARTS)
-        self.attack_eps = PixelValue(self.attack_eps)
-        if not math.isfinite(self.attack_eps) or self.attack_eps <= 0:
-            raise ValueError(f"attack_eps must be > 0 (pixel units, e.g. 8/255); got {self.attack_eps}.")
-        if self.attack_norm == "Linf" and self.attack_eps > 1:
-            raise ValueError(f"attack_eps = {self.attack_eps} exceeds 1 for Linf on [0, 1] images; use pixel units like 8/255.")
+            check_choice("attack_random_start", self.attack_random_start, RANDOM_STARTS)
+        self.attack_eps = PixelValue(check_budget(float(PixelValue(self.attack_eps)), self.attack_norm, "attack_eps"))
         if self.attack_step_size is None:
             self.attack_step_size = PixelValue(self.attack_eps / 4)
         self.attack_step_size = PixelValue(self.attack_step_size)

@@ -24,6 +24,8 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .validation import check_choice
+
 __all__ = [
     "VARIANTS",
     "CONFUSION_SOURCES",
@@ -49,11 +51,6 @@ REFERENCE_WEIGHT_RANGE = (0.01, 2.01)
 _EXACT_SVD_MAX_CLASSES = 64
 _POWER_MAX_ITERS = 500
 _POWER_TOL = 1e-12
-
-
-def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
 
 
 def _check_gamma(gamma: float, variant: str) -> None:
@@ -131,7 +128,7 @@ def confusion_counts(
     ``reference``: the true-class logit is shrunk to ``(1 - gamma) z_y``; ``p = argmax``; the example
     counts at ``(p, y)`` when ``p != y``.
     """
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("variant", variant, VARIANTS)
     _check_gamma(gamma, variant)
     if validate:
         check_logits_and_labels(logits, labels)
@@ -159,7 +156,7 @@ def normalize_confusion(counts: torch.Tensor, class_counts: torch.Tensor, varian
     ``paper``: ``C[i, j] = counts[i, j] / m_j`` (columns of absent classes are zero), as in eq. (1).
     ``reference``: the raw counts, as the released code uses them.
     """
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("variant", variant, VARIANTS)
     counts = counts.to(torch.float64)
     if variant == "reference":
         return counts
@@ -234,7 +231,7 @@ def spectral_weights(
     ``2 (W - min W) / (max W - min W) + 0.01``. An all-zero ``C`` gives ``W = 0`` (``paper``: no
     penalty) or ``W = 1`` (``reference``: uniform weights); so does a constant ``W`` for ``reference``.
     """
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("variant", variant, VARIANTS)
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"the confusion matrix must be square (K, K); got {tuple(confusion.shape)}.")
     _, u, v = top_singular_pair(confusion, v0=v0)
@@ -276,7 +273,7 @@ def csr_penalty(
 
     ``weights`` is treated as a constant: no gradient flows into it.
     """
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("variant", variant, VARIANTS)
     _check_gamma(gamma, variant)
     if validate:
         check_logits_and_labels(logits, labels)
@@ -364,8 +361,8 @@ class ConfusionEstimator:
     ) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
-        _check_choice("variant", variant, VARIANTS)
-        _check_choice("source", source, CONFUSION_SOURCES)
+        check_choice("variant", variant, VARIANTS)
+        check_choice("source", source, CONFUSION_SOURCES)
         _check_gamma(gamma, variant)
         if not (0.0 <= momentum < 1.0):
             raise ValueError(f"momentum (the EMA decay mu) must lie in [0, 1); got {momentum}.")

@@ -18,7 +18,6 @@ import torch
 
 __all__ = [
     "parse_pixel_value",
-    "check_choice",
     "check_pixel_values",
     "inputs_prevalidated",
     "input_checks_enabled",
@@ -36,12 +35,6 @@ __all__ = [
 ]
 
 _INPUT_CHECKS = contextvars.ContextVar("hf_csr_input_checks", default=True)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise a ``ValueError`` naming ``name`` and the allowed values unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
 
 
 def parse_pixel_value(value: Union[str, float, int], name: str = "value") -> float:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "NORMS",
     "MAX_NUM_CLASSES",
     "MAX_ATTACK_STEPS",
     "MAX_CROP_PADDING",
@@ -33,6 +34,8 @@ __all__ = [
     "check_device",
 ]
 
+#: The threat models' norms (attacks, training arguments, model configs, the command line).
+NORMS = ("Linf", "L2")
 #: Largest class count (and so largest label + 1) hf_csr accepts: a label above it is a corrupted file,
 #: and a per-class table of that size would allocate memory out of proportion to the data.
 MAX_NUM_CLASSES = 100_000
@@ -67,8 +70,8 @@ def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> Op
     return int(value)
 
 
-def check_choice(value: Any, name: str, choices: Sequence[Any]) -> Any:
-    """``value`` unchanged; ``ValueError`` naming the allowed values unless it is one of ``choices``."""
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` unchanged; ``ValueError`` naming ``name`` and the allowed values unless it is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
     return value

@@ -113,12 +113,9 @@ def _check_eps(text: str, norm: Optional[str]) -> float:
     """--eps is checked before the model is loaded (a typo must not cost a download)."""
     from ..utils import parse_pixel_value
 
-    eps = parse_pixel_value(text, name="--eps")
-    if not eps > 0 or eps != eps or eps == float("inf"):
-        raise ValueError(f"--eps must be a finite budget > 0 in pixel units (e.g. 8/255 for Linf, 0.5 for L2); got {text!r}.")
-    if norm == "Linf" and eps > 1:
-        raise ValueError(f"--eps {text!r} exceeds 1 for Linf on [0, 1] images; use pixel units such as 8/255.")
-    return eps
+    from ..validation import check_budget
+
+    return check_budget(parse_pixel_value(text, name="--eps"), norm, "--eps")
 
 
 def _threat_model(model, norm: Optional[str], eps: Optional[float]) -> Tuple[str, float]:

@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..utils import check_choice
+from ..validation import check_choice
 
 __all__ = [
     "AUTOATTACK_COMPONENTS",

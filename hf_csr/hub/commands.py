@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..utils import parse_pixel_value
-from ..validation import check_budget
+from ..validation import NORMS, check_budget
 
 __all__ = ["add_hub_commands"]
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 def _threat_model(text: str) -> dict:
     norm, sep, eps = text.partition(":")
-    if not sep or norm not in ("Linf", "L2"):
+    if not sep or norm not in NORMS:
         raise argparse.ArgumentTypeError(f"expected NORM:EPS with NORM Linf or L2, e.g. Linf:8/255; got {text!r}")
     try:
         return {"norm": norm, "eps": check_budget(parse_pixel_value(eps, "eps"), norm, "--threat-model eps")}

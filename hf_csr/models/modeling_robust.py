@@ -41,6 +41,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..utils import check_pixel_values, input_checks_enabled
+from ..validation import NORMS, check_budget, check_choice
 from .timm_format import TIMM_CONFIG_KEYS, write_timm_hub_files
 
 __all__ = ["RobustClassifierConfig", "RobustImageClassifier", "RobustImageProcessor", "create_robust_classifier",
@@ -51,7 +52,6 @@ MAX_PARAMETERS = 2_000_000_000
 _MAX_IMAGE_SIZE = 4096
 _MAX_CHANNELS = 64
 _MAX_CLASSES = 100_000
-THREAT_NORMS = ("Linf", "L2")
 
 
 def check_backbone_name(name: Any) -> None:
@@ -140,19 +140,13 @@ class RobustClassifierConfig(PreTrainedConfig):
 
 
 def _check_threat_model(threat_model: Optional[dict]) -> Dict[str, Any]:
-    from ..validation import check_budget
-
     threat = {"norm": "Linf", "eps": 8 / 255}
     if threat_model is not None:
         if not isinstance(threat_model, dict):
             raise ValueError(f"threat_model must be a dict like {{'norm': 'Linf', 'eps': 8/255}}; got {threat_model!r}.")
         threat.update(threat_model)
-    if threat["norm"] not in THREAT_NORMS:
-        raise ValueError(f"threat_model['norm'] must be one of {list(THREAT_NORMS)}; got {threat['norm']!r}.")
-    eps = threat["eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"threat_model['eps'] must be a positive number (pixel units); got {eps!r}.")
-    threat["eps"] = check_budget(eps, threat["norm"], "threat_model['eps']")  # <= 1 for Linf
+    check_choice("threat_model['norm']", threat["norm"], NORMS)
+    threat["eps"] = check_budget(threat["eps"], threat["norm"], "threat_model['eps']")
     return threat
 
 
