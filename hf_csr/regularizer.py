@@ -32,6 +32,7 @@ __all__ = [
     "REFERENCE_WEIGHT_RANGE",
     "BatchStatistics",
     "ConfusionEstimator",
+    "check_gamma",
     "check_logits_and_labels",
     "confusion_counts",
     "normalize_confusion",
@@ -53,16 +54,19 @@ _POWER_MAX_ITERS = 500
 _POWER_TOL = 1e-12
 
 
-def _check_gamma(gamma: float, variant: str) -> None:
-    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise ValueError(f"gamma must be a finite number; got {gamma!r}.")
+def check_gamma(gamma: float, variant: str, name: str = "gamma", variant_name: str = "variant") -> float:
+    """The confusion margin: finite, >= 0, and < 1 for the ``reference`` variant (the one check, used by the
+    functions below and by the CSR settings, which pass their flag names)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ValueError(f"{name} must be a finite number; got {gamma!r}.")
     if gamma < 0:
-        raise ValueError(f"gamma must be >= 0 (0 means 'misclassified'); got {gamma}.")
+        raise ValueError(f"{name} must be >= 0 (0 means 'misclassified'); got {gamma}.")
     if variant == "reference" and gamma >= 1:
         raise ValueError(
-            "gamma must lie in [0, 1) for the 'reference' variant, which shrinks the true-class logit "
+            f"{name} must lie in [0, 1) for {variant_name}='reference', which shrinks the true-class logit "
             f"to (1 - gamma) * z_y; got {gamma}."
         )
+    return float(gamma)
 
 
 def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -129,7 +133,7 @@ def confusion_counts(
     counts at ``(p, y)`` when ``p != y``.
     """
     check_choice("variant", variant, VARIANTS)
-    _check_gamma(gamma, variant)
+    check_gamma(gamma, variant)
     if validate:
         check_logits_and_labels(logits, labels)
     z = logits.detach()
@@ -274,7 +278,7 @@ def csr_penalty(
     ``weights`` is treated as a constant: no gradient flows into it.
     """
     check_choice("variant", variant, VARIANTS)
-    _check_gamma(gamma, variant)
+    check_gamma(gamma, variant)
     if validate:
         check_logits_and_labels(logits, labels)
     n, k = logits.shape
@@ -363,7 +367,7 @@ class ConfusionEstimator:
             raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
         check_choice("variant", variant, VARIANTS)
         check_choice("source", source, CONFUSION_SOURCES)
-        _check_gamma(gamma, variant)
+        check_gamma(gamma, variant)
         if not (0.0 <= momentum < 1.0):
             raise ValueError(f"momentum (the EMA decay mu) must lie in [0, 1); got {momentum}.")
         self.num_classes = num_classes

@@ -102,7 +102,7 @@ BAD_INPUTS = [
     # ---------------------------------------------------------------- public API: penalty and estimator
     ("penalty gamma < 0", lambda t: _penalty(gamma=-0.1), r"gamma must be >= 0"),
     ("penalty reference gamma >= 1", lambda t: _penalty(variant="reference", gamma=1.5),
-     r"gamma must lie in \[0, 1\) for the 'reference' variant"),
+     r"gamma must lie in \[0, 1\) for variant='reference'"),
     ("penalty unknown variant", lambda t: _penalty(variant="spectral"), r"variant must be one of \['paper', 'reference'\]"),
     ("penalty label out of range", lambda t: _penalty(labels=_y() + 1),
      r"labels must lie in \[0, K\) = \[0, 3\).*got labels in \[1, 3\]"),
