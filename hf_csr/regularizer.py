@@ -24,7 +24,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from .validation import check_choice
+from .validation import check_choice, check_labels_in_range
 
 __all__ = [
     "VARIANTS",
@@ -91,12 +91,7 @@ def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         return
     bad = (labels < 0).any() | (labels >= k).any() | ~torch.isfinite(logits).all()
     if bool(bad):
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(
-                f"labels must lie in [0, K) = [0, {k}) for logits with K = {k} classes; "
-                f"got labels in [{lo}, {hi}]. Check the dataset's label column and the model's num_classes."
-            )
+        check_labels_in_range(labels, k, "labels")  # raises when a label is the problem
         n_bad = int((~torch.isfinite(logits)).any(dim=1).sum())
         raise ValueError(
             f"logits contain NaN or inf in {n_bad} of {n} rows; the model diverged or the inputs are not finite."

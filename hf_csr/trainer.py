@@ -39,7 +39,7 @@ from .attacks import attack_mode, pgd_attack, random_init
 from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
 from .configuration import CSRTrainingArguments
 from .data import RobustImageCollator, augment_batch
-from .data.core import check_labels_in_range
+from .validation import check_labels_in_range
 from .fairness.base import FairnessMethod, LossInputs
 from .fairness.context import FairnessContext
 from .fairness.registry import get_fairness_method

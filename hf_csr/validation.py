@@ -26,6 +26,7 @@ __all__ = [
     "check_seed",
     "check_channels_last_images",
     "check_class_indices",
+    "check_labels_in_range",
     "check_attack_list",
     "check_dataset_geometry",
     "non_finite_tensors",
@@ -150,6 +151,22 @@ def check_class_indices(labels: Any, name: str, num_classes: Optional[int] = Non
             f"{name} must lie in [0, {limit}) ({what}); got labels in [{lo}, {hi}]. Check the label column or file."
         )
     return array.astype(np.int64).reshape(-1)
+
+
+def check_labels_in_range(labels: torch.Tensor, num_classes: int, what: str = "dataset", *,
+                          allow_empty: bool = False) -> None:
+    """Class indices (a tensor) in [0, ``num_classes``): the one range check of labels met by a model (datasets,
+    batches, ``pgd_attack``'s ``y``, the classifier's ``labels``, the penalty's ``labels``)."""
+    if labels.numel() == 0:
+        if allow_empty:
+            return
+        raise ValueError(f"the {what} is empty: it has no examples.")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"the {what}'s labels lie in [{lo}, {hi}] but the model has num_classes = {num_classes} "
+            f"(labels must be in [0, {num_classes})); check the label column or the model's classes."
+        )
 
 
 def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = None, autoattack_version: str = "standard"):

@@ -43,9 +43,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import NORMS, attack_loss, attack_mode, pgd_attack
-from ..data.core import check_labels_in_range, to_unit_float
+from ..data.core import to_unit_float
 from ..utils import as_logits, atomic_save, atomic_write_json, check_pixel_values, inputs_prevalidated, parse_pixel_value
-from ..validation import check_budget, check_choice
+from ..validation import check_budget, check_choice, check_labels_in_range
 from ..validation import check_evaluation_inputs
 from .report import AttackResult, RobustnessReport
 from .sharding import Shards, example_keys, keyed_normal, keyed_uniform

@@ -41,7 +41,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..utils import check_pixel_values, input_checks_enabled
-from ..validation import NORMS, check_budget, check_choice
+from ..validation import NORMS, check_budget, check_choice, check_labels_in_range
 from .timm_format import TIMM_CONFIG_KEYS, write_timm_hub_files
 
 __all__ = ["RobustClassifierConfig", "RobustImageClassifier", "RobustImageProcessor", "create_robust_classifier",
@@ -285,7 +285,7 @@ class RobustImageClassifier(PreTrainedModel):
         loss = None
         if labels is not None:
             if input_checks_enabled():
-                _check_labels(labels, self.config.num_labels)
+                check_labels_in_range(labels, self.config.num_labels, "labels", allow_empty=True)
             loss = F.cross_entropy(logits.float(), labels)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if not return_dict:
@@ -317,14 +317,6 @@ class RobustImageProcessor(ViTImageProcessor):
         else:
             images = convert(images)
         return super().preprocess(images, *args, **kwargs)
-
-
-def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
-    if labels.numel() and (bool((labels < 0).any()) or bool((labels >= num_labels).any())):
-        raise ValueError(
-            f"labels must lie in [0, num_labels) = [0, {num_labels}); got values in "
-            f"[{int(labels.min())}, {int(labels.max())}]. Check the dataset's label column against the model's classes."
-        )
 
 
 def _create_backbone(name: str, kwargs: Dict[str, Any]) -> nn.Module:
