@@ -27,6 +27,8 @@ __all__ = [
     "check_channels_last_images",
     "check_class_indices",
     "check_labels_in_range",
+    "check_repo_id",
+    "is_repo_id",
     "check_attack_list",
     "check_dataset_geometry",
     "non_finite_tensors",
@@ -167,6 +169,29 @@ def check_labels_in_range(labels: torch.Tensor, num_classes: int, what: str = "d
             f"the {what}'s labels lie in [{lo}, {hi}] but the model has num_classes = {num_classes} "
             f"(labels must be in [0, {num_classes})); check the label column or the model's classes."
         )
+
+
+def is_repo_id(text: Any) -> bool:
+    """Whether ``text`` is a valid Hub repo id (``namespace/name`` or ``name``; huggingface_hub's rules)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(text, str):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_repo_id(value: Optional[str], name: str = "repo_id", *, allow_none: bool = False) -> Optional[str]:
+    """``value`` unchanged; ``ValueError`` naming ``name`` unless it is a Hub repo id (or None with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if not is_repo_id(value):
+        raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r}.")
+    return value
 
 
 def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = None, autoattack_version: str = "standard"):

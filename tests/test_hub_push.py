@@ -108,7 +108,7 @@ def test_push_refuses_broken_directories_before_any_request(local_hub, checkpoin
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"no safetensors weights \(found pickles \['optimizer.pt', 'training_args.bin'\]"):
         push_checkpoint(directory, "me/wrn-csr")
-    with pytest.raises(ValueError, match="repo_id must look like"):
+    with pytest.raises(ValueError, match="repo_id must be a Hub repo id like"):
         push_checkpoint(directory, "a/b/c")
     assert local_hub.requests == []
 

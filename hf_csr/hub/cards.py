@@ -21,10 +21,9 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
 from ..utils import atomic_write_text, public_path, read_json_object, scrub_paths
+from ..validation import check_repo_id, is_repo_id
 from ..data.registry import DATASETS as CARD_DATASETS  # the datasets a card can name (``hf-csr card --dataset``)
 
 __all__ = ["MODEL_CARD_TEMPLATE", "ATTACK_NAMES", "CARD_DATASETS", "escape_markdown", "framework_versions",
@@ -153,16 +152,6 @@ def _plot_entries(plots: Union[Mapping[str, str], Sequence[str], None]) -> List[
     return entries
 
 
-def _validated_repo_id(value: Optional[str], name: str) -> Optional[str]:
-    if value is None:
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError as error:
-        raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r} ({error}).") from None
-    return value
-
-
 def framework_versions() -> Dict[str, str]:
     """Versions of the libraries that made the checkpoint (as transformers' and TRL's cards list them)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -182,9 +171,7 @@ def _dataset_ids(dataset: Optional[str], dataset_id: Optional[str], datasets: Op
         item = str(item)
         if item in CARD_DATASETS:
             item = CARD_DATASETS[item].hub_id or item
-        try:
-            validate_repo_id(item)
-        except HFValidationError:
+        if not is_repo_id(item):
             continue  # a local file or folder is not a Hub dataset id
         if "/" in item and item not in ids:
             ids.append(item)
@@ -233,8 +220,8 @@ def render_model_card(
         model_name: the card's title; default: the repo name.
         versions: framework versions to list; default: the installed ones.
     """
-    repo_id = _validated_repo_id(repo_id, "repo_id")
-    base_model = _validated_repo_id(base_model, "base_model")
+    repo_id = check_repo_id(repo_id, "repo_id", allow_none=True)
+    base_model = check_repo_id(base_model, "base_model", allow_none=True)
     if config is not None and not isinstance(config, Mapping):
         config = config.to_dict()
     config = dict(config or {})
@@ -530,11 +517,7 @@ def base_model_of(model: Any) -> Optional[str]:
     for candidate in (getattr(config, "base_model", None), getattr(config, "_name_or_path", None)):
         if not isinstance(candidate, str) or not candidate or os.path.exists(candidate) or os.path.isabs(candidate):
             continue
-        try:
-            validate_repo_id(candidate)
-        except HFValidationError:
-            continue
-        if candidate.count("/") == 1:
+        if is_repo_id(candidate) and candidate.count("/") == 1:
             return candidate
     return None
 

@@ -26,13 +26,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import timm
 import torch
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..data.registry import DATASETS, IDENTITY_MEAN, IDENTITY_STD
 from ..utils import hub_file
+from ..validation import is_repo_id
 from .modeling_robust import RobustClassifierConfig, RobustImageClassifier, check_backbone_name
 from .wide_resnet import map_trades_keys, strip_wrapper_prefix, unwrap_checkpoint
 
@@ -369,15 +368,11 @@ def resolve_source(
         )
     if path.is_file():
         return None, path, None, None
-    try:
-        if "/" not in text or path.suffix in _CHECKPOINT_SUFFIXES:
-            raise HFValidationError(text)
-        validate_repo_id(text)
-    except HFValidationError:
+    if "/" not in text or path.suffix in _CHECKPOINT_SUFFIXES or not is_repo_id(text):
         raise FileNotFoundError(
             f"{text!r} is neither an existing file, a Hub repo id ('namespace/name') nor a known published "
             f"checkpoint ({', '.join(PUBLISHED_CHECKPOINTS)})."
-        ) from None
+        )
     known = [e for e in PUBLISHED_CHECKPOINTS.values() if e.repo_id == text]
     if filename is None:
         hint = f"; the known files of this repo are {[e.filename for e in known]}" if known else ""
