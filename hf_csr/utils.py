@@ -177,6 +177,8 @@ def read_json_object(path: Union[str, Path]) -> dict:
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read {str(path)!r}: {error}.") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(
             f"{str(path)!r} is not valid JSON ({error}); the file is truncated or corrupted: delete or regenerate it."

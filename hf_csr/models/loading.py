@@ -37,6 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils import read_json_object
+
 __all__ = [
     "PixelSpaceClassifier",
     "add_model_arguments",
@@ -190,7 +192,7 @@ def load_robust_model(
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        config = _read_config(path / "config.json") if (path / "config.json").is_file() else None
+        config = read_json_object(path / "config.json") if (path / "config.json").is_file() else None
         if config is not None and "architecture" in config and "model_type" not in config:
             return _load_timm(f"local-dir:{path}", class_names, threat_model)
         return _load_transformers(str(path), revision, threat_model)
@@ -223,16 +225,6 @@ def load_robust_model(
         f"({', '.join(PUBLISHED_CHECKPOINTS)}), a timm model name (timm/..., hf-hub:..., local-dir:...), a Hub repo "
         "id (namespace/name) nor package.module:factory."
     )
-
-
-def _read_config(path: Path) -> Dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {str(path)!r}: {error}; the file is truncated or corrupted.") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object.")
-    return value
 
 
 def _is_factory(text: str) -> bool:
@@ -398,7 +390,7 @@ def _load_hub(repo_id: str, revision: Optional[str], class_names, threat_model) 
     from ..utils import hub_file
 
     try:
-        config = _read_config(hub_file(repo_id, "config.json", revision=revision))
+        config = read_json_object(hub_file(repo_id, "config.json", revision=revision))
     except FileNotFoundError as error:
         raise ValueError(f"cannot load the Hub repo {repo_id!r}: {error}") from error
     if "architecture" in config and "model_type" not in config:
