@@ -6,7 +6,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 import hf_csr  # noqa: F401
-from hf_csr.data import FASHION_MNIST_CLASSES, load_fashion_mnist
+from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from hf_csr.experiment import parse_args
 from hf_csr.models import create_robust_classifier
 
@@ -34,7 +34,8 @@ def test_tiny_convnet(pretrained=False, **kwargs):
 def fmnist_model(backbone="preact_resnet_tiny", **kwargs):
     if backbone == "preact_resnet_tiny":
         kwargs = {"width": 4, **kwargs}  # half the registered width: faster tests
-    return create_robust_classifier(backbone, class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28, **kwargs)
+    return create_robust_classifier(backbone, class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
+                                    mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, **kwargs)
 
 
 def fmnist(split="train", limit=64, seed=0):
