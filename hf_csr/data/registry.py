@@ -132,9 +132,17 @@ def register_dataset(
     return info
 
 
-def dataset_info(key: str) -> Optional[DatasetInfo]:
-    """The registered dataset ``key``, or None."""
-    return DATASETS.get(key)
+def dataset_info(key: Optional[str], name: str = "dataset") -> Optional[DatasetInfo]:
+    """The registered dataset ``key`` (None for None); ``ValueError`` naming ``name`` and the registered keys
+    for any other key."""
+    if key is None:
+        return None
+    if key not in DATASETS:
+        raise ValueError(
+            f"{name} must be a registered dataset ({', '.join(sorted(DATASETS))}) or None; got {key!r}. "
+            "hf_csr.data.register_dataset adds one."
+        )
+    return DATASETS[key]
 
 
 def dataset_keys() -> List[str]:

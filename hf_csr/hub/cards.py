@@ -25,6 +25,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from ..utils import atomic_write_text, public_path, read_json_object, scrub_paths
 from ..validation import check_repo_id, is_repo_id
 from ..data.registry import DATASETS as CARD_DATASETS  # the datasets a card can name (``hf-csr card --dataset``)
+from ..data.registry import dataset_info
 
 __all__ = ["MODEL_CARD_TEMPLATE", "ATTACK_NAMES", "CARD_DATASETS", "escape_markdown", "framework_versions",
            "public_path", "render_model_card", "write_model_card"]
@@ -228,9 +229,7 @@ def render_model_card(
     id2label = config.get("id2label") or {}
     results = dict(results or {})
     class_names = [str(n) for n in results.get("class_names") or [id2label[k] for k in sorted(id2label, key=int)]]
-    info = CARD_DATASETS.get(dataset) if dataset is not None else None
-    if dataset is not None and info is None:
-        raise ValueError(f"dataset must be one of {sorted(CARD_DATASETS)} or None; got {dataset!r}.")
+    info = dataset_info(dataset)
     dataset_name = dataset_name or (info.name if info else "the evaluation data")
     dataset_id = dataset_id or (info.hub_id if info else None)
     dataset_ids = _dataset_ids(dataset, dataset_id, datasets)

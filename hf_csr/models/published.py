@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..data.registry import DATASETS, IDENTITY_MEAN, IDENTITY_STD
+from ..data.registry import IDENTITY_MEAN, IDENTITY_STD, dataset_info
 from ..utils import hub_file
 from ..validation import is_repo_id
 from .modeling_robust import RobustClassifierConfig, RobustImageClassifier, check_backbone_name
@@ -431,10 +431,8 @@ def load_published(
             raise ValueError(f"num_classes = {num_classes} but {len(class_names)} class_names were given.")
         num_classes = len(class_names)
     dataset = dataset or (entry.dataset if entry is not None else None)
-    if dataset is not None and dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {sorted(DATASETS)} or None; got {dataset!r}.")
-    if num_classes is None and dataset is not None:
-        num_classes = len(DATASETS[dataset].class_names)
+    if num_classes is None and dataset_info(dataset) is not None:
+        num_classes = dataset_info(dataset).num_classes
     converted = convert_checkpoint(
         read_checkpoint(path),
         backbone=backbone or (entry.backbone if entry is not None else None),
@@ -445,9 +443,9 @@ def load_published(
         dataset = {10: "cifar10", 100: "cifar100"}.get(converted.num_classes)
         if dataset is not None:
             logger.info("Assuming %s classes and statistics (pass dataset= or class_names= otherwise).", dataset)
-    info = DATASETS.get(dataset) if dataset is not None else None
+    info = dataset_info(dataset)
     if class_names is None:
-        class_names = list(info.class_names) if info else [str(i) for i in range(converted.num_classes)]
+        class_names = list(info.class_names) if info and info.class_names else [str(i) for i in range(converted.num_classes)]
     if mean is None and std is None:
         if converted.layout == "trades":
             mean, std = IDENTITY_MEAN, IDENTITY_STD  # TRADES networks see raw [0, 1] pixels
