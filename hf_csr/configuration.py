@@ -28,7 +28,7 @@ from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
 from .utils import parse_pixel_value
-from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list, check_budget, check_choice
+from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_budget, check_choice
 
 __all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "resolve_fairness_config"]
 
@@ -191,6 +191,8 @@ class CSRTrainingArguments(TrainingArguments):
             raise ValueError(f"awp_warmup must be >= 0; got {self.awp_warmup}.")
         if not self.eval_attack_list:
             raise ValueError(f"eval_attacks must name at least one attack (e.g. 'clean,pgd20'); got {self.eval_attacks!r}.")
+        from .evaluation.specs import check_attack_list  # local import: keeps `import hf_csr` light
+
         check_attack_list(self.eval_attacks, "eval_attacks")  # names the unknown attack; bounded steps
         if self.eval_max_examples is not None and self.eval_max_examples < 1:
             raise ValueError(f"eval_max_examples must be positive or None; got {self.eval_max_examples}.")

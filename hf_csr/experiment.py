@@ -30,7 +30,6 @@ from .data import DATASETS, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .trainer import CSRTrainer
 from .utils import atomic_write_json, launched_processes
-from .validation import check_attack_list
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "training_summary",
            "check_launch"]
@@ -447,6 +446,8 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
     train_dataset, eval_dataset = load_datasets(experiment, training)
     model = build_model(experiment, training, train_dataset)
     # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
+    from .evaluation.specs import check_attack_list
+
     check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
     trainer = CSRTrainer(model=model, args=training, train_dataset=train_dataset, eval_dataset=eval_dataset)
     resume = training.resume_from_checkpoint

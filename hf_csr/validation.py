@@ -29,7 +29,6 @@ __all__ = [
     "check_labels_in_range",
     "check_repo_id",
     "is_repo_id",
-    "check_attack_list",
     "check_dataset_geometry",
     "non_finite_tensors",
     "check_finite_model",
@@ -192,30 +191,6 @@ def check_repo_id(value: Optional[str], name: str = "repo_id", *, allow_none: bo
     if not is_repo_id(value):
         raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r}.")
     return value
-
-
-def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = None, autoattack_version: str = "standard"):
-    """Parse an attack list and check it can run: bounded iteration counts and, when ``num_classes`` is
-    known, AutoAttack components that the class count supports (APGD-DLR needs 3 classes, APGD-T 4)."""
-    from .evaluation.specs import AutoAttackConfig, PGDConfig, parse_attacks
-
-    configs = parse_attacks(attacks, autoattack_version)
-    for config in configs:
-        if isinstance(config, PGDConfig) and config.steps > MAX_ATTACK_STEPS:
-            raise ValueError(f"{name}: {config.name} has {config.steps} steps, above {MAX_ATTACK_STEPS}; use fewer steps.")
-        if isinstance(config, AutoAttackConfig):
-            for field in ("n_iter", "n_queries"):
-                value = getattr(config, field)
-                if value is not None and value > 100 * MAX_ATTACK_STEPS:
-                    raise ValueError(f"{name}: {config.name} sets {field} = {value}, above {100 * MAX_ATTACK_STEPS}.")
-            if num_classes is not None:
-                for component, least in (("apgd-dlr", 3), ("apgd-t", 4)):
-                    if component in config.components and num_classes < least:
-                        raise ValueError(
-                            f"{name}: AutoAttack's {component} needs at least {least} classes and the model has "
-                            f"{num_classes}; use a list without it, e.g. 'autoattack:apgd-ce+fab-t+square'."
-                        )
-    return configs
 
 
 def check_dataset_geometry(dataset: Any, name: str, *, num_channels: Optional[int], image_size: Optional[int],

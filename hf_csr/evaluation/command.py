@@ -154,7 +154,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir, launched_processes
-    from ..validation import check_attack_list, check_budget, check_finite_model
+    from ..validation import check_budget, check_finite_model
+    from .specs import check_attack_list
     from .robustness import evaluate_robustness
     from .sharding import Shards
 

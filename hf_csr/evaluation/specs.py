@@ -25,12 +25,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..validation import check_choice
+from ..validation import MAX_ATTACK_STEPS, check_choice
 
 __all__ = [
     "AUTOATTACK_COMPONENTS",
     "AUTOATTACK_VERSIONS",
     "WORST_OF_ALL",
+    "check_attack_list",
     "AttackConfig",
     "AutoAttackConfig",
     "CleanConfig",
@@ -241,4 +242,26 @@ def parse_attacks(
         config = parse_attack(attack, autoattack_version)
         if config.name not in {c.name for c in configs}:
             configs.append(config)
+    return configs
+
+
+def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = None, autoattack_version: str = "standard"):
+    """Parse an attack list and check it can run: bounded iteration counts and, when ``num_classes`` is
+    known, AutoAttack components that the class count supports (APGD-DLR needs 3 classes, APGD-T 4)."""
+    configs = parse_attacks(attacks, autoattack_version)
+    for config in configs:
+        if isinstance(config, PGDConfig) and config.steps > MAX_ATTACK_STEPS:
+            raise ValueError(f"{name}: {config.name} has {config.steps} steps, above {MAX_ATTACK_STEPS}; use fewer steps.")
+        if isinstance(config, AutoAttackConfig):
+            for field in ("n_iter", "n_queries"):
+                value = getattr(config, field)
+                if value is not None and value > 100 * MAX_ATTACK_STEPS:
+                    raise ValueError(f"{name}: {config.name} sets {field} = {value}, above {100 * MAX_ATTACK_STEPS}.")
+            if num_classes is not None:
+                for component, least in (("apgd-dlr", 3), ("apgd-t", 4)):
+                    if component in config.components and num_classes < least:
+                        raise ValueError(
+                            f"{name}: AutoAttack's {component} needs at least {least} classes and the model has "
+                            f"{num_classes}; use a list without it, e.g. 'autoattack:apgd-ce+fab-t+square'."
+                        )
     return configs
