@@ -61,3 +61,20 @@ def test_stratified_subset_keeps_the_size_and_says_when_classes_cannot_be_equal(
     assert len(stratified_subset(labels, 100)) == len(labels)
     with pytest.raises(ValueError, match="positive"):
         stratified_subset(labels, 0)
+
+
+def test_a_registered_hub_dataset_loads_by_key_with_its_channels(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+
+    images = [Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)) for i in range(6)]
+    data = datasets.Dataset.from_dict({"image": images, "label": [0, 1, 2, 0, 1, 2]})
+    data.save_to_disk(str(tmp_path / "toy"))
+    register_dataset("toy_hub_registry_test", class_names=["x", "y", "z"], num_channels=1, image_size=8,
+                     mean=[0.5], std=[0.5], hub_id=str(tmp_path / "toy"))
+    try:
+        loaded = load_image_dataset("toy_hub_registry_test", "train", limit=3)
+        assert loaded.class_names == ["x", "y", "z"] and len(loaded) == 3
+        assert tuple(loaded.image_shape) == (1, 8, 8)  # the entry's channels: decoded as grayscale
+    finally:
+        DATASETS.pop("toy_hub_registry_test", None)
