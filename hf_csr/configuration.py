@@ -28,7 +28,7 @@ from transformers.training_args import OptimizerNames
 
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
 from .utils import parse_pixel_value
-from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_budget, check_choice
+from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_budget, check_choice, check_positive_int
 
 __all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "resolve_fairness_config"]
 
@@ -152,9 +152,7 @@ class CSRTrainingArguments(TrainingArguments):
             check_finite_number(getattr(self, name), name, minimum=0, maximum=1)
         check_finite_number(self.adam_epsilon, "adam_epsilon", minimum=0)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+            check_positive_int(getattr(self, name), name)
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or not -1 <= self.max_steps < 2**40:
             raise ValueError(f"max_steps must be -1 (use num_train_epochs) or a positive integer below 2**40; got {self.max_steps!r}.")
         check_seed(self.seed, "seed")

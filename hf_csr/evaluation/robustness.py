@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from ..attacks import NORMS, attack_loss, attack_mode, pgd_attack
 from ..data.core import to_unit_float
 from ..utils import as_logits, atomic_save, atomic_write_json, check_pixel_values, inputs_prevalidated, parse_pixel_value
-from ..validation import check_budget, check_choice, check_labels_in_range
+from ..validation import check_budget, check_choice, check_labels_in_range, check_positive_int
 from ..validation import check_evaluation_inputs
 from .report import AttackResult, RobustnessReport
 from .sharding import Shards, example_keys, keyed_normal, keyed_uniform
@@ -537,8 +537,7 @@ def evaluate_robustness(
     """
     check_choice("norm", norm, NORMS)
     eps = check_budget(parse_pixel_value(eps, name="eps"), norm, "eps")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    check_positive_int(batch_size, "batch_size")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     check_evaluation_inputs(model, eps, norm)  # Linf eps <= 1; refuse NaN/inf weights (hf_csr.validation)

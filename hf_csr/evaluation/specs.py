@@ -25,7 +25,7 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..validation import MAX_ATTACK_STEPS, check_choice
+from ..validation import MAX_ATTACK_STEPS, check_choice, check_positive_int
 
 __all__ = [
     "AUTOATTACK_COMPONENTS",
@@ -79,8 +79,7 @@ class PGDConfig:
     uses_gradients = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"PGDConfig.steps must be a positive integer; got {self.steps!r}.")
+        check_positive_int(self.steps, "PGDConfig.steps")
         check_choice("PGDConfig.loss", self.loss, ("ce", "cw"))
         check_choice("PGDConfig.random_start", self.random_start, ("uniform", "none"))
         if not 0 < self.step_fraction <= 1:
@@ -122,9 +121,7 @@ class AutoAttackConfig:
         if len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"AutoAttackConfig.attacks lists a component twice: {list(self.attacks)}.")
         for field in ("n_iter", "n_queries"):
-            value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"AutoAttackConfig.{field} must be a positive integer or None; got {value!r}.")
+            check_positive_int(getattr(self, field), f"AutoAttackConfig.{field}", allow_none=True)
 
     @property
     def components(self) -> Tuple[str, ...]:
