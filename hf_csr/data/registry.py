@@ -15,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
+from ..validation import check_positive_int
+
 __all__ = [
     "CIFAR10_CLASSES",
     "CIFAR100_CLASSES",
@@ -102,11 +104,9 @@ def register_dataset(
     """Add a dataset under ``key`` (``load_image_dataset(key)``, ``--dataset key``) and return its entry.
 
     Give ``hub_id`` (a ``datasets`` Hub id or local path), ``loader`` (``loader(split, *, limit, seed)``
-    returning a :class:`~hf_csr.data.TensorImageDataset`; used in place of ``hub_id``) or both; ``mean``/``std`` have one value per channel.
-    Registering a key again raises unless ``overwrite=True``.
+    returning a :class:`~hf_csr.data.TensorImageDataset`; used in place of ``hub_id``) or both. ``mean`` /
+    ``std`` have one value per channel. Registering a key again raises unless ``overwrite=True``.
     """
-    from ..validation import check_positive_int
-
     if not isinstance(key, str) or not key or "/" in key:
         raise ValueError(f"a dataset key is a non-empty name without '/'; got {key!r}.")
     if key in DATASETS and not overwrite:
