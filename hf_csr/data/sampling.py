@@ -26,20 +26,21 @@ def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarra
     labels = np.asarray(labels)
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"the subset size (limit) must be a positive number of examples; got {size!r}.")
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
-    shuffled = labels[perm]
-    by_class = np.argsort(shuffled, kind="stable")
-    first = np.searchsorted(shuffled[by_class], shuffled[by_class], side="left")
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[by_class] = np.arange(len(labels)) - first  # position of each example within its class
-    if size < len(labels):
-        counts = np.unique(labels, return_counts=True)[1]
-        if size > counts.min() * len(counts):
-            logger.info("stratified_subset: %d examples cannot have equal class counts (the smallest of the %d "
-                        "classes has %d); the smaller classes are kept whole and the others fill the rest",
-                        size, len(counts), counts.min())
-    return np.sort(perm[np.lexsort((shuffled, rank))[:size]])
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    # Order by (rank within the class, class): any prefix is as balanced as the data allows.
+    index = np.concatenate(per_class)
+    rank = np.concatenate([np.arange(len(p)) for p in per_class])
+    klass = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_class)])
+    order = index[np.lexsort((klass, rank))]
+    smallest = min(len(p) for p in per_class)
+    if smallest * len(per_class) < size < len(labels):
+        logger.info("stratified_subset: %d examples cannot have equal class counts (the smallest of the %d "
+                    "classes has %d); the smaller classes are kept whole and the others fill the rest",
+                    size, len(per_class), smallest)
+    return np.sort(order[:size])
 
 
 def long_tail_counts(n_max: int, num_classes: int, ratio: float = 100.0) -> List[int]:
