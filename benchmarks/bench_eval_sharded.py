@@ -73,13 +73,10 @@ def train(model_dir: Path, width: int) -> None:
     import torch.nn.functional as F
 
     import hf_csr
-    from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+    from hf_csr.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 
     torch.manual_seed(0)
-    model = hf_csr.create_robust_classifier(
-        "preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, width=width,
-    )
+    model = hf_csr.create_robust_classifier("preact_resnet_tiny", class_names=FASHION_MNIST_CLASSES, width=width)
     x, y = load_fashion_mnist("train", limit=4000, seed=1).tensors()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     for _ in range(2):

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .utils import as_logits, check_choice, check_pixel_values, inputs_prevalidated
-from .validation import MAX_ATTACK_STEPS, check_budget
+from .utils import as_logits, check_pixel_values, inputs_prevalidated
+from .validation import MAX_ATTACK_STEPS, NORMS, check_budget, check_choice, check_labels_in_range
 
 __all__ = [
     "NORMS",
@@ -33,7 +33,6 @@ __all__ = [
     "random_init",
 ]
 
-NORMS = ("Linf", "L2")
 ATTACK_LOSSES = ("ce", "kl", "cw")
 RANDOM_STARTS = ("uniform", "gaussian", "none")
 #: ``eval``: BatchNorm uses running statistics (TRADES, the released code).
@@ -127,14 +126,6 @@ def _describe(value) -> str:
     if isinstance(value, torch.Tensor):
         return f"up to {float(value.max()):.4g}"
     return f"{value:.4g}"
-
-
-def _check_labels(y: torch.Tensor, num_classes: int) -> None:
-    if y.numel() and (bool((y < 0).any()) or bool((y >= num_classes).any())):
-        raise ValueError(
-            f"y (labels) must lie in [0, {num_classes}) for a model with {num_classes} classes; got values in "
-            f"[{int(y.min())}, {int(y.max())}]."
-        )
 
 
 def _project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: str) -> torch.Tensor:
@@ -237,8 +228,8 @@ def pgd_attack(
     check_choice("loss", loss, ATTACK_LOSSES)
     check_choice("random_start", random_start, RANDOM_STARTS)
     check_choice("bn_mode", bn_mode, BN_MODES)
+    check_budget(eps, norm, "eps")  # finite, > 0, and <= 1 for Linf on [0, 1] images
     eps = _as_budget(eps, "eps", x)
-    check_budget(eps, norm, "eps")  # finite, and <= 1 for Linf on [0, 1] images
     step_size = _as_budget(step_size, "step_size", x)
     _check_step_within_budget(step_size, eps)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
@@ -281,7 +272,7 @@ def pgd_attack(
             with torch.enable_grad():
                 logits = as_logits(model(x_adv))
                 if validate and step == 0:
-                    _check_labels(y, logits.shape[-1])
+                    check_labels_in_range(y, logits.shape[-1], "y", allow_empty=True)
                 objective = attack_loss(logits, y, loss, target_probs)
                 if loss_scale != 1.0:
                     objective = objective * loss_scale

@@ -29,7 +29,7 @@ from transformers.training_args import OptimizerNames
 from .attacks import BN_MODES, NORMS, RANDOM_STARTS
 from .fairness.registry import reserve_setting_names
 from .utils import parse_pixel_value
-from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_attack_list
+from .validation import MAX_ATTACK_STEPS, MAX_CROP_PADDING, check_budget, check_choice, check_positive_int
 
 __all__ = ["CSRTrainingArguments", "PixelValue", "BASE_LOSSES", "resolve_fairness_config"]
 
@@ -158,9 +158,7 @@ class CSRTrainingArguments(TrainingArguments):
             check_finite_number(getattr(self, name), name, minimum=0, maximum=1)
         check_finite_number(self.adam_epsilon, "adam_epsilon", minimum=0)
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+            check_positive_int(getattr(self, name), name)
         if isinstance(self.max_steps, bool) or not isinstance(self.max_steps, int) or not -1 <= self.max_steps < 2**40:
             raise ValueError(f"max_steps must be -1 (use num_train_epochs) or a positive integer below 2**40; got {self.max_steps!r}.")
         check_seed(self.seed, "seed")
@@ -169,23 +167,14 @@ class CSRTrainingArguments(TrainingArguments):
 
     # ------------------------------------------------------------------ validation
     def _validate_csr_fields(self) -> None:
-        def choice(name, allowed):
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {list(allowed)}; got {value!r}.")
-
-        choice("base_loss", BASE_LOSSES)
+        check_choice("base_loss", self.base_loss, BASE_LOSSES)
         self.fairness_config = resolve_fairness_config(
             self.fairness_method, self.fairness_config, self.__dict__.pop("_method_settings", None) or {})
-        choice("attack_norm", NORMS)
-        choice("attack_bn_mode", BN_MODES)
+        check_choice("attack_norm", self.attack_norm, NORMS)
+        check_choice("attack_bn_mode", self.attack_bn_mode, BN_MODES)
         if self.attack_random_start is not None:
-            choice("attack_random_start", RANDOM_STARTS)
-        self.attack_eps = PixelValue(self.attack_eps)
-        if not math.isfinite(self.attack_eps) or self.attack_eps <= 0:
-            raise ValueError(f"attack_eps must be > 0 (pixel units, e.g. 8/255); got {self.attack_eps}.")
-        if self.attack_norm == "Linf" and self.attack_eps > 1:
-            raise ValueError(f"attack_eps = {self.attack_eps} exceeds 1 for Linf on [0, 1] images; use pixel units like 8/255.")
+            check_choice("attack_random_start", self.attack_random_start, RANDOM_STARTS)
+        self.attack_eps = PixelValue(check_budget(float(PixelValue(self.attack_eps)), self.attack_norm, "attack_eps"))
         if self.attack_step_size is None:
             self.attack_step_size = PixelValue(self.attack_eps / 4)
         self.attack_step_size = PixelValue(self.attack_step_size)
@@ -206,6 +195,8 @@ class CSRTrainingArguments(TrainingArguments):
             raise ValueError(f"awp_warmup must be >= 0; got {self.awp_warmup}.")
         if not self.eval_attack_list:
             raise ValueError(f"eval_attacks must name at least one attack (e.g. 'clean,pgd20'); got {self.eval_attacks!r}.")
+        from .evaluation.specs import check_attack_list  # local import: keeps `import hf_csr` light
+
         check_attack_list(self.eval_attacks, "eval_attacks")  # names the unknown attack; bounded steps
         if self.eval_max_examples is not None and self.eval_max_examples < 1:
             raise ValueError(f"eval_max_examples must be positive or None; got {self.eval_max_examples}.")

@@ -26,12 +26,11 @@ from accelerate import PartialState
 from transformers import AutoModelForImageClassification, HfArgumentParser, TrainerCallback, set_seed
 
 from .configuration import CSRTrainingArguments
-from .data import FASHION_MNIST_MEAN, FASHION_MNIST_STD, MixedImageDataset
+from .data import DATASETS, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .selection import BEST_DIR, BestCheckpointCallback, load_best_weights, split_training_set
 from .trainer import CSRTrainer
 from .utils import atomic_write_json, launched_processes, process_log_level, setup_console_logging
-from .validation import check_attack_list
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "run_recipe",
            "training_summary", "check_launch", "FinalEvaluationFollows"]
@@ -391,7 +390,7 @@ def _generated_dataset(experiment: ExperimentArguments, training: CSRTrainingArg
     ``metadata.json`` the converter writes last) is reused, an interrupted one redone. On several nodes,
     each node's first process then does the same, which finds the conversion on a shared filesystem and
     converts again on a node-local one."""
-    from .hub.generated_data import GeneratedImageDataset
+    from .data.generated import GeneratedImageDataset
 
     source = experiment.generated_data
     if os.path.isdir(source):
@@ -410,7 +409,7 @@ def _generated_dataset(experiment: ExperimentArguments, training: CSRTrainingArg
 
 
 def _convert_or_reuse(names: List[str], target: Path, class_names: List[str]) -> None:
-    from .hub.generated_data import convert_generated_data, download_generated_data, find_conversion
+    from .data.generated import convert_generated_data, download_generated_data, find_conversion
 
     paths = [Path(p) if os.path.exists(p) else download_generated_data(p) for p in names]
     if find_conversion(target, paths, num_classes=len(class_names)) is not None:
@@ -466,7 +465,7 @@ def check_launch(training: Optional[CSRTrainingArguments] = None) -> None:
 
 def build_model(experiment: ExperimentArguments, training: CSRTrainingArguments, train_dataset) -> RobustImageClassifier:
     """A model for ``experiment.model`` whose classes match the training data."""
-    from .hub import PUBLISHED_CHECKPOINTS, load_published
+    from .models.published import PUBLISHED_CHECKPOINTS, load_published
 
     name, class_names = experiment.model, list(train_dataset.class_names)
     threat = {"norm": training.attack_norm, "eps": float(training.attack_eps)}
@@ -476,9 +475,8 @@ def build_model(experiment: ExperimentArguments, training: CSRTrainingArguments,
         model = AutoModelForImageClassification.from_pretrained(name)
     elif timm.is_model(name):
         channels, size = _image_geometry(train_dataset)
-        mean = std = None
-        if experiment.dataset == "fashion_mnist":
-            mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+        info = DATASETS.get(experiment.dataset)  # a registered dataset's statistics; else the backbone's
+        mean, std = (info.mean, info.std) if info is not None and info.num_channels == channels else (None, None)
         model = create_robust_classifier(
             name, class_names=class_names, num_channels=channels, image_size=size, mean=mean, std=std,
             threat_model=threat, **(experiment.backbone_kwargs or {}),
@@ -571,6 +569,8 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
         train_dataset, validation_size=experiment.validation_size, long_tail_ratio=experiment.long_tail_ratio)
     model = build_model(experiment, training, train_dataset)
     # The final evaluation runs after training: check its attacks now (AutoAttack's APGD-T needs 4 classes).
+    from .evaluation.specs import check_attack_list
+
     check_attack_list(experiment.final_eval_attacks, "final_eval_attacks", num_classes=model.config.num_labels)
     if experiment.validation_size is not None:
         check_attack_list(experiment.validation_attack, "validation_attack", num_classes=model.config.num_labels)

@@ -21,8 +21,7 @@ logger = logging.getLogger(__name__)
 
 #: Shared by both runs (Fashion-MNIST, Linf eps = 0.1, a 77k-parameter PreAct-ResNet, 80 steps of 128).
 QUICKSTART_SETTINGS: Dict[str, Any] = {
-    "model": "preact_resnet18",
-    "backbone_kwargs": '{"width": 8, "num_blocks": [1, 1, 1, 1]}',
+    "model": "preact_resnet_tiny",
     "dataset": "fashion_mnist",
     "eval_limit": 1000,
     "final_eval_attacks": "clean,pgd20",

@@ -24,12 +24,15 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from .validation import check_choice, check_labels_in_range
+
 __all__ = [
     "VARIANTS",
     "CONFUSION_SOURCES",
     "REFERENCE_WEIGHT_RANGE",
     "BatchStatistics",
     "ConfusionEstimator",
+    "check_gamma",
     "check_logits_and_labels",
     "confusion_counts",
     "normalize_confusion",
@@ -51,21 +54,19 @@ _POWER_MAX_ITERS = 500
 _POWER_TOL = 1e-12
 
 
-def _check_choice(name: str, value: str, choices: Tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
-
-
-def _check_gamma(gamma: float, variant: str) -> None:
-    if not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
-        raise ValueError(f"gamma must be a finite number; got {gamma!r}.")
+def check_gamma(gamma: float, variant: str, name: str = "gamma", variant_name: str = "variant") -> float:
+    """The confusion margin: finite, >= 0, and < 1 for the ``reference`` variant (the one check, used by the
+    functions below and by the CSR settings, which pass their flag names)."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+        raise ValueError(f"{name} must be a finite number; got {gamma!r}.")
     if gamma < 0:
-        raise ValueError(f"gamma must be >= 0 (0 means 'misclassified'); got {gamma}.")
+        raise ValueError(f"{name} must be >= 0 (0 means 'misclassified'); got {gamma}.")
     if variant == "reference" and gamma >= 1:
         raise ValueError(
-            "gamma must lie in [0, 1) for the 'reference' variant, which shrinks the true-class logit "
+            f"{name} must lie in [0, 1) for {variant_name}='reference', which shrinks the true-class logit "
             f"to (1 - gamma) * z_y; got {gamma}."
         )
+    return float(gamma)
 
 
 def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
@@ -90,12 +91,7 @@ def check_logits_and_labels(logits: torch.Tensor, labels: torch.Tensor) -> None:
         return
     bad = (labels < 0).any() | (labels >= k).any() | ~torch.isfinite(logits).all()
     if bool(bad):
-        lo, hi = int(labels.min()), int(labels.max())
-        if lo < 0 or hi >= k:
-            raise ValueError(
-                f"labels must lie in [0, K) = [0, {k}) for logits with K = {k} classes; "
-                f"got labels in [{lo}, {hi}]. Check the dataset's label column and the model's num_classes."
-            )
+        check_labels_in_range(labels, k, "labels")  # raises when a label is the problem
         n_bad = int((~torch.isfinite(logits)).any(dim=1).sum())
         raise ValueError(
             f"logits contain NaN or inf in {n_bad} of {n} rows; the model diverged or the inputs are not finite."
@@ -131,8 +127,8 @@ def confusion_counts(
     ``reference``: the true-class logit is shrunk to ``(1 - gamma) z_y``; ``p = argmax``; the example
     counts at ``(p, y)`` when ``p != y``.
     """
-    _check_choice("variant", variant, VARIANTS)
-    _check_gamma(gamma, variant)
+    check_choice("variant", variant, VARIANTS)
+    check_gamma(gamma, variant)
     if validate:
         check_logits_and_labels(logits, labels)
     z = logits.detach()
@@ -159,7 +155,7 @@ def normalize_confusion(counts: torch.Tensor, class_counts: torch.Tensor, varian
     ``paper``: ``C[i, j] = counts[i, j] / m_j`` (columns of absent classes are zero), as in eq. (1).
     ``reference``: the raw counts, as the released code uses them.
     """
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("variant", variant, VARIANTS)
     counts = counts.to(torch.float64)
     if variant == "reference":
         return counts
@@ -234,7 +230,7 @@ def spectral_weights(
     ``2 (W - min W) / (max W - min W) + 0.01``. An all-zero ``C`` gives ``W = 0`` (``paper``: no
     penalty) or ``W = 1`` (``reference``: uniform weights); so does a constant ``W`` for ``reference``.
     """
-    _check_choice("variant", variant, VARIANTS)
+    check_choice("variant", variant, VARIANTS)
     if confusion.dim() != 2 or confusion.shape[0] != confusion.shape[1]:
         raise ValueError(f"the confusion matrix must be square (K, K); got {tuple(confusion.shape)}.")
     _, u, v = top_singular_pair(confusion, v0=v0)
@@ -276,8 +272,8 @@ def csr_penalty(
 
     ``weights`` is treated as a constant: no gradient flows into it.
     """
-    _check_choice("variant", variant, VARIANTS)
-    _check_gamma(gamma, variant)
+    check_choice("variant", variant, VARIANTS)
+    check_gamma(gamma, variant)
     if validate:
         check_logits_and_labels(logits, labels)
     n, k = logits.shape
@@ -364,9 +360,9 @@ class ConfusionEstimator:
     ) -> None:
         if not isinstance(num_classes, int) or num_classes < 2:
             raise ValueError(f"num_classes must be an integer >= 2; got {num_classes!r}.")
-        _check_choice("variant", variant, VARIANTS)
-        _check_choice("source", source, CONFUSION_SOURCES)
-        _check_gamma(gamma, variant)
+        check_choice("variant", variant, VARIANTS)
+        check_choice("source", source, CONFUSION_SOURCES)
+        check_gamma(gamma, variant)
         if not (0.0 <= momentum < 1.0):
             raise ValueError(f"momentum (the EMA decay mu) must lie in [0, 1); got {momentum}.")
         self.num_classes = num_classes

@@ -37,7 +37,7 @@ import torch
 from transformers import TrainerCallback, TrainerState
 from transformers.trainer_utils import get_last_checkpoint
 
-from .validation import check_attack_list, check_finite_model, non_finite_tensors
+from .validation import check_finite_model, non_finite_tensors
 
 __all__ = [
     "TrainingDivergedError",
@@ -236,6 +236,8 @@ def preflight(trainer, train_dataset, eval_dataset) -> None:
     args, model = trainer.args, trainer.model
     # The images' geometry and the card files in output_dir are checked by the trainer before this
     # (hf_csr.models.loading.prepare_training_data, hf_csr.hub.cards.check_card_inputs).
+    from .evaluation.specs import check_attack_list
+
     check_attack_list(args.eval_attacks, "eval_attacks", num_classes=trainer.num_classes)
     if args.load_best_model_at_end:
         metric = args.metric_for_best_model or "loss"

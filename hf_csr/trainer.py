@@ -40,7 +40,7 @@ from .attacks import attack_mode, pgd_attack, random_init
 from .awp import apply_perturbation, awp_perturbation, perturbable_parameters
 from .configuration import CSRTrainingArguments
 from .data import RobustImageCollator, augment_batch
-from .data.core import check_labels_in_range
+from .validation import check_labels_in_range
 from .fairness.base import FairnessMethod, LossInputs
 from .fairness.context import FairnessContext
 from .fairness.registry import get_fairness_method
@@ -786,9 +786,9 @@ class CSRTrainer(Trainer):
         args = self.args
         images, labels = dataset, None
         if limit is not None and limit < len(dataset) and hasattr(dataset, "subset"):
-            from .data import balanced_subset
+            from .data import stratified_subset
 
-            images = dataset.subset(balanced_subset(dataset.labels.numpy(), limit, args.seed))
+            images = dataset.subset(stratified_subset(dataset.labels.numpy(), limit, args.seed))
         elif not hasattr(dataset, "tensors"):
             items = [dataset[i] for i in range(min(len(dataset), limit or len(dataset)))]
             batch = RobustImageCollator(augment=False)(items)

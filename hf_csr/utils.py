@@ -18,10 +18,7 @@ from typing import Any, Iterator, Mapping, Optional, Sequence, Union
 import torch
 
 __all__ = [
-    "public_path",
-    "public_paths",
     "parse_pixel_value",
-    "check_choice",
     "check_pixel_values",
     "inputs_prevalidated",
     "input_checks_enabled",
@@ -37,15 +34,13 @@ __all__ = [
     "set_library_log_level",
     "setup_console_logging",
     "quiet_http_logging",
+    "hub_file",
+    "public_path",
+    "scrub_paths",
+    "read_json_object",
 ]
 
 _INPUT_CHECKS = contextvars.ContextVar("hf_csr_input_checks", default=True)
-
-
-def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    """Raise a ``ValueError`` naming ``name`` and the allowed values unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
 
 
 def parse_pixel_value(value: Union[str, float, int], name: str = "value") -> float:
@@ -206,6 +201,8 @@ def read_json_object(path: Union[str, Path]) -> dict:
     path = Path(path)
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ValueError(f"cannot read {str(path)!r}: {error}.") from error
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(
             f"{str(path)!r} is not valid JSON ({error}); the file is truncated or corrupted: delete or regenerate it."
@@ -309,6 +306,27 @@ def quiet_http_logging(level: int = logging.INFO) -> None:
         logging.getLogger(name).setLevel(max(level, logging.WARNING))
 
 
+def hub_file(repo_id: str, filename: str, *, repo_type: str = "model", revision: Optional[str] = None, **kwargs) -> Path:
+    """``hf_hub_download`` (HF cache, ``HF_ENDPOINT``, offline mode), with a clear error when the file is
+    neither cached nor reachable."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+
+    logging.getLogger(__name__).info("Fetching %s from the Hub %s repo %s (revision %s).", filename, repo_type, repo_id, revision or "main")
+    try:
+        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, **kwargs))
+    except RemoteEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{filename!r} does not exist in the Hub {repo_type} repo {repo_id!r} at revision {revision or 'main'!r}."
+        ) from error
+    except LocalEntryNotFoundError as error:
+        raise FileNotFoundError(
+            f"{filename!r} of the Hub {repo_type} repo {repo_id!r} is not in the HF cache and the Hub cannot be reached "
+            f"(offline mode HF_HUB_OFFLINE=1, local_files_only, or no connection): {error} Download it where the Hub "
+            "is reachable (the same cache works offline afterwards) or pass a local file."
+        ) from error
+
+
 def public_path(value: Any) -> Any:
     """A string that names a local file or folder (absolute, or existing here) -> its last component, so
     nothing pushed to the Hub (card, results.json) reveals a local path; Hub ids and other values unchanged."""
@@ -323,10 +341,10 @@ def public_path(value: Any) -> Any:
     return PurePosixPath(value.replace(os.sep, "/").rstrip("/")).name or value if local else value
 
 
-def public_paths(value: Any) -> Any:
+def scrub_paths(value: Any) -> Any:
     """:func:`public_path` applied to every string inside ``value`` (dicts, lists)."""
     if isinstance(value, Mapping):
-        return {key: public_paths(item) for key, item in value.items()}
+        return {key: scrub_paths(item) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
-        return [public_paths(item) for item in value]
+        return [scrub_paths(item) for item in value]
     return public_path(value)

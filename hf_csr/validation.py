@@ -15,15 +15,20 @@ import torch
 from torch import nn
 
 __all__ = [
+    "NORMS",
     "MAX_NUM_CLASSES",
     "MAX_ATTACK_STEPS",
     "MAX_CROP_PADDING",
     "check_finite_number",
+    "check_positive_int",
+    "check_choice",
     "check_budget",
     "check_seed",
     "check_channels_last_images",
     "check_class_indices",
-    "check_attack_list",
+    "check_labels_in_range",
+    "check_repo_id",
+    "is_repo_id",
     "check_dataset_geometry",
     "non_finite_tensors",
     "check_finite_model",
@@ -31,6 +36,8 @@ __all__ = [
     "check_device",
 ]
 
+#: The threat models' norms (attacks, training arguments, model configs, the command line).
+NORMS = ("Linf", "L2")
 #: Largest class count (and so largest label + 1) hf_csr accepts: a label above it is a corrupted file,
 #: and a per-class table of that size would allocate memory out of proportion to the data.
 MAX_NUM_CLASSES = 100_000
@@ -53,6 +60,22 @@ def check_finite_number(
         raise ValueError(f"{name} must be {'>' if strict else '>='} {minimum:g}; got {value:g}.")
     if maximum is not None and value > maximum:
         raise ValueError(f"{name} must be <= {maximum:g}; got {value:g}.")
+    return value
+
+
+def check_positive_int(value: Any, name: str, *, allow_none: bool = False) -> Optional[int]:
+    """``value`` as an int; ``ValueError`` unless it is an integer >= 1 (or None with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be a positive integer{' or None' if allow_none else ''}; got {value!r}.")
+    return int(value)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """``value`` unchanged; ``ValueError`` naming ``name`` and the allowed values unless it is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}; got {value!r}.")
     return value
 
 
@@ -131,28 +154,43 @@ def check_class_indices(labels: Any, name: str, num_classes: Optional[int] = Non
     return array.astype(np.int64).reshape(-1)
 
 
-def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = None, autoattack_version: str = "standard"):
-    """Parse an attack list and check it can run: bounded iteration counts and, when ``num_classes`` is
-    known, AutoAttack components that the class count supports (APGD-DLR needs 3 classes, APGD-T 4)."""
-    from .evaluation.specs import AutoAttackConfig, PGDConfig, parse_attacks
+def check_labels_in_range(labels: torch.Tensor, num_classes: int, what: str = "dataset", *,
+                          allow_empty: bool = False) -> None:
+    """Class indices (a tensor) in [0, ``num_classes``): the one range check of labels met by a model (datasets,
+    batches, ``pgd_attack``'s ``y``, the classifier's ``labels``, the penalty's ``labels``)."""
+    if labels.numel() == 0:
+        if allow_empty:
+            return
+        raise ValueError(f"the {what} is empty: it has no examples.")
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= num_classes:
+        raise ValueError(
+            f"the {what}'s labels lie in [{lo}, {hi}] but the model has num_classes = {num_classes} "
+            f"(labels must be in [0, {num_classes})); check the label column or the model's classes."
+        )
 
-    configs = parse_attacks(attacks, autoattack_version)
-    for config in configs:
-        if isinstance(config, PGDConfig) and config.steps > MAX_ATTACK_STEPS:
-            raise ValueError(f"{name}: {config.name} has {config.steps} steps, above {MAX_ATTACK_STEPS}; use fewer steps.")
-        if isinstance(config, AutoAttackConfig):
-            for field in ("n_iter", "n_queries"):
-                value = getattr(config, field)
-                if value is not None and value > 100 * MAX_ATTACK_STEPS:
-                    raise ValueError(f"{name}: {config.name} sets {field} = {value}, above {100 * MAX_ATTACK_STEPS}.")
-            if num_classes is not None:
-                for component, least in (("apgd-dlr", 3), ("apgd-t", 4)):
-                    if component in config.components and num_classes < least:
-                        raise ValueError(
-                            f"{name}: AutoAttack's {component} needs at least {least} classes and the model has "
-                            f"{num_classes}; use a list without it, e.g. 'autoattack:apgd-ce+fab-t+square'."
-                        )
-    return configs
+
+def is_repo_id(text: Any) -> bool:
+    """Whether ``text`` is a valid Hub repo id (``namespace/name`` or ``name``; huggingface_hub's rules)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not isinstance(text, str):
+        return False
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def check_repo_id(value: Optional[str], name: str = "repo_id", *, allow_none: bool = False) -> Optional[str]:
+    """``value`` unchanged; ``ValueError`` naming ``name`` unless it is a Hub repo id (or None with ``allow_none``)."""
+    if value is None and allow_none:
+        return None
+    if not is_repo_id(value):
+        raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r}.")
+    return value
 
 
 def check_dataset_geometry(dataset: Any, name: str, *, num_channels: Optional[int], image_size: Optional[int],

@@ -279,15 +279,12 @@ def clean_train(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
 
 
 def small_fashion_mnist_model(width: int = 8, seed: int = 0) -> nn.Module:
-    """A small PreAct-ResNet18 (one block per stage) for 1 x 28 x 28 Fashion-MNIST images."""
-    from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    """The registered small PreAct-ResNet (``preact_resnet_tiny``) for 1 x 28 x 28 Fashion-MNIST images."""
+    from hf_csr.data import FASHION_MNIST_CLASSES
     from hf_csr.models import create_robust_classifier
 
     torch.manual_seed(seed)
-    return create_robust_classifier(
-        "preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28, mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD, width=width, num_blocks=(1, 1, 1, 1),
-    )
+    return create_robust_classifier("preact_resnet_tiny", class_names=FASHION_MNIST_CLASSES, width=width)
 
 
 def save_json_and_plot(output_dir, name: str, data: Dict[str, object], plot) -> Tuple[str, str]:

@@ -1,4 +1,5 @@
-"""Datasets in hf_csr's convention (uint8 or [0, 1] images, integer labels) and the training collator."""
+"""Datasets in hf_csr's convention (uint8 or [0, 1] images, integer labels), the dataset registry, subsets and
+the training collator."""
 
 from ..lazy import lazy_exports as _lazy_exports
 
@@ -10,15 +11,20 @@ _EXPORTS = {
     "to_unit_float": ".core",
     "MixedBatchOrderSampler": ".mixing",
     "MixedImageDataset": ".mixing",
-    "FASHION_MNIST_CLASSES": ".fashion_mnist",
+    "DATASETS": ".registry",
+    "DatasetInfo": ".registry",
+    "FASHION_MNIST_CLASSES": ".registry",
+    "dataset_info": ".registry",
+    "dataset_keys": ".registry",
+    "register_dataset": ".registry",
     "FASHION_MNIST_MEAN": ".fashion_mnist",
     "FASHION_MNIST_STD": ".fashion_mnist",
-    "balanced_subset": ".fashion_mnist",
     "fashion_mnist_dir": ".fashion_mnist",
     "load_fashion_mnist": ".fashion_mnist",
-    "BUILTIN_DATASETS": ".sources",
+    "long_tail_counts": ".sampling",
+    "long_tail_indices": ".sampling",
+    "stratified_subset": ".sampling",
     "load_image_dataset": ".sources",
-    "stratified_subset": ".sources",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -15,6 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..validation import check_labels_in_range
+
 __all__ = ["TensorImageDataset", "RobustImageCollator", "to_unit_float", "check_labels_in_range"]
 
 
@@ -27,17 +29,6 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     raise ValueError(
         f"images must be uint8 (0..255) or floating point in [0, 1]; got dtype {images.dtype}."
     )
-
-
-def check_labels_in_range(labels: torch.Tensor, num_classes: int, what: str = "dataset") -> None:
-    if labels.numel() == 0:
-        raise ValueError(f"the {what} is empty: it has no examples.")
-    lo, hi = int(labels.min()), int(labels.max())
-    if lo < 0 or hi >= num_classes:
-        raise ValueError(
-            f"the {what}'s labels lie in [{lo}, {hi}] but the model has num_classes = {num_classes} "
-            f"(labels must be in [0, {num_classes})); check the label column or the model's classes."
-        )
 
 
 class TensorImageDataset(Dataset):

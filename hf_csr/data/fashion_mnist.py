@@ -9,7 +9,6 @@ small model trained on a CPU.
 from __future__ import annotations
 
 import gzip
-import logging
 import os
 import struct
 from pathlib import Path
@@ -19,16 +18,14 @@ import numpy as np
 import torch
 
 from .core import TensorImageDataset
+from .registry import DATASETS, FASHION_MNIST_CLASSES
+from .sampling import stratified_subset
 
 __all__ = ["FASHION_MNIST_CLASSES", "FASHION_MNIST_MEAN", "FASHION_MNIST_STD", "fashion_mnist_dir", "load_fashion_mnist"]
 
-logger = logging.getLogger(__name__)
-
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)
-FASHION_MNIST_MEAN = (0.2860,)
-FASHION_MNIST_STD = (0.3530,)
+#: Fashion-MNIST's normalisation, as the dataset registry holds it.
+FASHION_MNIST_MEAN = DATASETS["fashion_mnist"].mean
+FASHION_MNIST_STD = DATASETS["fashion_mnist"].std
 _DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 _FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -70,7 +67,8 @@ def load_fashion_mnist(
 ) -> TensorImageDataset:
     """Fashion-MNIST ``split`` ("train": 60k, "test": 10k) as uint8 1 x 28 x 28 images.
 
-    ``limit`` keeps a class-balanced random subset of that many examples (chosen with ``seed``).
+    ``limit`` keeps a class-stratified random subset of that many examples (chosen with ``seed``; see
+    :func:`~hf_csr.data.sampling.stratified_subset`).
     """
     if split not in _FILES:
         raise ValueError(f"split must be one of {sorted(_FILES)}; got {split!r}.")
@@ -84,30 +82,5 @@ def load_fashion_mnist(
         torch.from_numpy(images.copy()), labels, FASHION_MNIST_CLASSES, name=f"fashion_mnist[{split}]"
     )
     if limit is not None and limit < len(dataset):
-        dataset = dataset.subset(balanced_subset(labels, limit, seed), name=f"fashion_mnist[{split}][:{limit}]")
+        dataset = dataset.subset(stratified_subset(labels, limit, seed), name=f"fashion_mnist[{split}][:{limit}]")
     return dataset
-
-
-def balanced_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Indices of a random subset of ``size`` examples (all when ``size >= len(labels)``), sorted.
-
-    Examples are taken round-robin over the classes (a random order within each), so the subset has equal
-    counts per class as long as every class has enough examples; on an imbalanced set, a class that runs
-    out is all kept and the others fill the remaining places -- the subset always has ``size`` examples
-    (a balanced-only subset would shrink to K times the smallest class)."""
-    labels = np.asarray(labels)
-    if size <= 0:
-        raise ValueError(f"the subset size must be positive; got {size}.")
-    rng = np.random.default_rng(seed)
-    classes = np.unique(labels)
-    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in classes]
-    # Order by (rank within the class, class): any prefix is as balanced as the data allows.
-    index = np.concatenate(per_class)
-    rank = np.concatenate([np.arange(len(p)) for p in per_class])
-    klass = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_class)])
-    order = index[np.lexsort((klass, rank))]
-    smallest = min(len(p) for p in per_class)
-    if size > smallest * len(per_class) and size < len(labels):
-        logger.info("balanced_subset: the classes are imbalanced (smallest has %d examples): the %d examples are "
-                    "as balanced as the data allows", smallest, size)
-    return np.sort(order[:size])

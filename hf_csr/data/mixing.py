@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
+from ..validation import check_positive_int
+
 __all__ = ["MixedImageDataset", "MixedBatchOrderSampler"]
 
 
@@ -50,8 +52,7 @@ class MixedImageDataset(Dataset):
     ) -> None:
         if not 0.0 < real_fraction < 1.0:
             raise ValueError(f"real_fraction must lie in (0, 1) (the DDPM recipes use 0.3); got {real_fraction}.")
-        if batches_per_epoch is not None and (not isinstance(batches_per_epoch, int) or batches_per_epoch < 1):
-            raise ValueError(f"batches_per_epoch must be a positive integer or None; got {batches_per_epoch!r}.")
+        check_positive_int(batches_per_epoch, "batches_per_epoch", allow_none=True)
         real_names = list(getattr(real, "class_names", []))
         generated_names = list(getattr(generated, "class_names", []))
         if real_names and generated_names and len(real_names) != len(generated_names):
@@ -124,8 +125,7 @@ class MixedBatchOrderSampler(Sampler[int]):
                 f"a global batch of {batch_size} holds int({batch_size} * {1 - real_fraction:g}) = 0 generated images; "
                 "use a larger batch (the DDPM recipes use 128) or a smaller real_fraction."
             )
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 1):
-            raise ValueError(f"num_batches must be a positive integer or None; got {num_batches!r}.")
+        check_positive_int(num_batches, "num_batches", allow_none=True)
         self.num_batches = math.ceil(self.num_real / self.batch_size) if num_batches is None else num_batches
 
     def set_epoch(self, epoch: int) -> None:

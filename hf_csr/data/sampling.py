@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import List, Optional, Sequence
 
@@ -9,24 +10,37 @@ import numpy as np
 
 __all__ = ["stratified_subset", "long_tail_counts", "long_tail_indices"]
 
+logger = logging.getLogger(__name__)
+
 
 def stratified_subset(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
-    """Sorted indices of ``size`` random examples, taken round-robin over the classes.
+    """Sorted indices of ``size`` random examples (all of them when ``size >= len(labels)``), taken
+    round-robin over the classes (a random order within each class, chosen with ``seed``).
 
-    Every class contributes equally until it runs out, so rare classes are all kept before common
-    ones are thinned: the subset is as balanced as the data allows.
+    Every class contributes equally until it runs out. On imbalanced data a subset with equal counts
+    may be impossible (``size`` above K times the smallest class): then the small classes are kept
+    whole and the other classes fill the remaining places -- the subset always has ``size`` examples,
+    as balanced as the data allows, and an INFO line says so. Evaluation limits, validation subsets and
+    ``limit=`` of the loaders all take their subsets here.
     """
     labels = np.asarray(labels)
-    if size <= 0:
-        raise ValueError(f"limit must be a positive number of examples; got {size}.")
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"the subset size (limit) must be a positive number of examples; got {size!r}.")
+    if labels.size == 0:
+        return np.zeros(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(labels))
-    shuffled = labels[perm]
-    by_class = np.argsort(shuffled, kind="stable")
-    first = np.searchsorted(shuffled[by_class], shuffled[by_class], side="left")
-    rank = np.empty(len(labels), dtype=np.int64)
-    rank[by_class] = np.arange(len(labels)) - first  # position of each example within its class
-    return np.sort(perm[np.lexsort((shuffled, rank))[:size]])
+    per_class = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    # Order by (rank within the class, class): any prefix is as balanced as the data allows.
+    index = np.concatenate(per_class)
+    rank = np.concatenate([np.arange(len(p)) for p in per_class])
+    klass = np.concatenate([np.full(len(p), i) for i, p in enumerate(per_class)])
+    order = index[np.lexsort((klass, rank))]
+    smallest = min(len(p) for p in per_class)
+    if smallest * len(per_class) < size < len(labels):
+        logger.info("stratified_subset: %d examples cannot have equal class counts (the smallest of the %d "
+                    "classes has %d); the smaller classes are kept whole and the others fill the rest",
+                    size, len(per_class), smallest)
+    return np.sort(order[:size])
 
 
 def long_tail_counts(n_max: int, num_classes: int, ratio: float = 100.0) -> List[int]:

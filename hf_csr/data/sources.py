@@ -2,7 +2,9 @@
 
 ``load_image_dataset(name_or_path, split)`` accepts
 
-* ``fashion_mnist``: the embedded default (Debian package ``dataset-fashion-mnist``);
+* a name from the dataset registry (:mod:`hf_csr.data.registry`): ``fashion_mnist`` (the embedded
+  default, from the Debian package ``dataset-fashion-mnist``), ``cifar10``, ``cifar100``,
+  ``tiny_imagenet`` or one added with ``register_dataset``;
 * a local ``.npz`` file with an ``image`` array (N, H, W, C) or (N, H, W) of uint8 and a ``label``
   array (N,), the layout of the DDPM-generated data of ``docs/method.md`` section 9;
 * anything ``datasets`` loads: a Hub id (``uoft-cs/cifar10``, ``zh-plus/tiny-imagenet``), a local folder
@@ -25,16 +27,15 @@ from typing import Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..validation import check_channels_last_images, check_class_indices
+from ..validation import check_channels_last_images, check_class_indices, check_positive_int
 from .core import TensorImageDataset
-from .fashion_mnist import load_fashion_mnist
+from .registry import DATASETS
 from .sampling import stratified_subset
 
-__all__ = ["BUILTIN_DATASETS", "load_image_dataset", "stratified_subset"]
+__all__ = ["load_image_dataset", "dataset_from_arrays", "load_hf_dataset", "pick_column", "hf_images", "hf_labels"]
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_DATASETS = ("fashion_mnist",)
 _IMAGE_COLUMNS = ("image", "img", "images", "pixel_values")
 _LABEL_COLUMNS = ("label", "labels", "fine_label", "class", "target")
 _GRAYSCALE_MODES = ("1", "L", "LA", "I", "I;16", "F")
@@ -83,10 +84,10 @@ def _load_npz(path: Path, image_key: Optional[str], label_key: Optional[str], cl
     if limit is not None and limit < len(labels):
         keep = stratified_subset(labels, limit, seed)
         images, labels = images[keep], labels[keep]
-    return _dataset(images, labels, _names_for(labels, class_names), path.name)
+    return dataset_from_arrays(images, labels, _names_for(labels, class_names), path.name)
 
 
-def _load_hf(name_or_path: str, split: str):
+def load_hf_dataset(name_or_path: str, split: str):
     import datasets
 
     path = Path(name_or_path)
@@ -115,7 +116,7 @@ def _load_hf(name_or_path: str, split: str):
         ) from error
 
 
-def _pick_column(dataset, given: Optional[str], feature_type, names: Tuple[str, ...], what: str, option: str) -> str:
+def pick_column(dataset, given: Optional[str], feature_type, names: Tuple[str, ...], what: str, option: str) -> str:
     columns = list(dataset.column_names)
     if given is not None:
         if given not in columns:
@@ -128,7 +129,7 @@ def _pick_column(dataset, given: Optional[str], feature_type, names: Tuple[str, 
     raise ValueError(f"cannot find a {what} column among {columns}; name it with {option}=...")
 
 
-def _hf_labels(dataset, column: str, class_names) -> Tuple[np.ndarray, list]:
+def hf_labels(dataset, column: str, class_names) -> Tuple[np.ndarray, list]:
     import datasets
 
     feature = dataset.features[column]
@@ -148,7 +149,7 @@ def _hf_labels(dataset, column: str, class_names) -> Tuple[np.ndarray, list]:
     return values, _names_for(values, class_names)
 
 
-def _hf_images(dataset, column: str, num_channels: Optional[int]) -> np.ndarray:
+def hf_images(dataset, column: str, num_channels: Optional[int]) -> np.ndarray:
     import datasets
 
     feature = dataset.features[column]
@@ -184,7 +185,7 @@ def load_image_dataset(
     """Load an image-classification split as a :class:`TensorImageDataset` (uint8 images, CHW on access).
 
     Args:
-        name_or_path: ``fashion_mnist``, a ``.npz`` file, a ``.parquet`` file, a local ``datasets`` folder
+        name_or_path: a registered dataset name (``fashion_mnist``, ``cifar10``, ...), a ``.npz`` file, a ``.parquet`` file, a local ``datasets`` folder
             or a Hub dataset id (see the module docstring).
         split: the split to load (ignored for ``.npz`` files, which hold one split).
         image_column / label_column: the columns (npz: the array names) to use; auto-detected by default.
@@ -193,34 +194,38 @@ def load_image_dataset(
             columns), or the order of string labels. Names from a ``ClassLabel`` feature take precedence.
         num_channels: decode images to 1 (grayscale) or 3 (RGB) channels; default: the first image's.
     """
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive integer or None; got {limit!r}.")
+    check_positive_int(limit, "limit", allow_none=True)
     if num_channels not in (None, 1, 3):
         raise ValueError(f"num_channels must be 1, 3 or None; got {num_channels!r}.")
     text = str(name_or_path)
     path = Path(text).expanduser()
-    if text in BUILTIN_DATASETS and not path.exists():
-        return load_fashion_mnist(split, limit=limit, seed=seed)
+    info = DATASETS.get(text) if not path.exists() else None
+    if info is not None and info.loader is not None:
+        return info.loader(split, limit=limit, seed=seed)
+    if info is not None:
+        text, path = info.hub_id, Path(info.hub_id)
+        class_names = class_names if class_names is not None else (info.class_names or None)
+        num_channels = num_channels or info.num_channels
     if path.suffix == ".npz":
         if not path.is_file():
             raise FileNotFoundError(f"no npz file at {path}.")
         return _load_npz(path, image_column, label_column, class_names, limit, seed)
     import datasets
 
-    dataset = _load_hf(str(path) if path.exists() else text, split)
-    image_column = _pick_column(dataset, image_column, datasets.Image, _IMAGE_COLUMNS, "image", "image_column")
-    label_column = _pick_column(dataset, label_column, datasets.ClassLabel, _LABEL_COLUMNS, "label", "label_column")
+    dataset = load_hf_dataset(str(path) if path.exists() else text, split)
+    image_column = pick_column(dataset, image_column, datasets.Image, _IMAGE_COLUMNS, "image", "image_column")
+    label_column = pick_column(dataset, label_column, datasets.ClassLabel, _LABEL_COLUMNS, "label", "label_column")
     if len(dataset) == 0:
         raise ValueError(f"the {split!r} split of {text} is empty.")
-    labels, names = _hf_labels(dataset, label_column, class_names)
+    labels, names = hf_labels(dataset, label_column, class_names)
     if limit is not None and limit < len(labels):
         keep = stratified_subset(labels, limit, seed)
         dataset, labels = dataset.select(keep), labels[keep]
-    images = _hf_images(dataset, image_column, num_channels)
-    return _dataset(images, labels, names, f"{path.name or text}[{split}]")
+    images = hf_images(dataset, image_column, num_channels)
+    return dataset_from_arrays(images, labels, names, f"{path.name or text}[{split}]")
 
 
-def _dataset(images: np.ndarray, labels: np.ndarray, names: Sequence[str], name: str) -> TensorImageDataset:
+def dataset_from_arrays(images: np.ndarray, labels: np.ndarray, names: Sequence[str], name: str) -> TensorImageDataset:
     """(N, H, W, C) uint8 images as a dataset that yields (C, H, W)."""
     check_channels_last_images(images.shape, name)
     return TensorImageDataset(torch.from_numpy(np.ascontiguousarray(images)), labels, names, channels_last_input=True,

@@ -133,12 +133,9 @@ def _check_eps(text: str, norm: Optional[str]) -> float:
     """--eps is checked before the model is loaded (a typo must not cost a download)."""
     from ..utils import parse_pixel_value
 
-    eps = parse_pixel_value(text, name="--eps")
-    if not eps > 0 or eps != eps or eps == float("inf"):
-        raise ValueError(f"--eps must be a finite budget > 0 in pixel units (e.g. 8/255 for Linf, 0.5 for L2); got {text!r}.")
-    if norm == "Linf" and eps > 1:
-        raise ValueError(f"--eps {text!r} exceeds 1 for Linf on [0, 1] images; use pixel units such as 8/255.")
-    return eps
+    from ..validation import check_budget
+
+    return check_budget(parse_pixel_value(text, name="--eps"), norm, "--eps")
 
 
 def _threat_model(model, norm: Optional[str], eps: Optional[float]) -> Tuple[str, float]:
@@ -158,13 +155,13 @@ def _write_card(model: str, output_dir: Path, results: dict, config) -> Path:
     the end of training or conversion) when ``model`` is a local directory; a Hub id becomes the card's repo id.
     """
     from ..hub.cards import CARD_METADATA, CARD_METADATA_KEYS, write_model_card
-    from ..hub.cards import read_card_metadata as _read_json  # checked: a malformed card.json is a named error
+    from ..hub.cards import read_card_metadata  # checked: a malformed card.json is a named error
 
     kwargs = {}
     model_dir = Path(model)
     if model_dir.is_dir():
         if model_dir.resolve() != output_dir.resolve() and (model_dir / CARD_METADATA).is_file():
-            saved = _read_json(model_dir / CARD_METADATA)
+            saved = read_card_metadata(model_dir / CARD_METADATA)
             kwargs = {key: saved[key] for key in CARD_METADATA_KEYS if saved.get(key) is not None}
     elif model.count("/") == 1:
         kwargs["repo_id"] = model
@@ -177,7 +174,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
     from ..data import load_image_dataset
     from ..utils import ensure_writable_dir, launched_processes
-    from ..validation import check_attack_list, check_budget, check_finite_model
+    from ..validation import check_budget, check_finite_model
+    from .specs import check_attack_list
     from .robustness import evaluate_robustness
     from .sharding import Shards
 

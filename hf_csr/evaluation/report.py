@@ -19,7 +19,7 @@ import torch
 from ..metrics.classwise_accuracy.classwise_accuracy import classwise_accuracy as _classwise_accuracy
 from ..metrics.classwise_agreement.classwise_agreement import classwise_agreement as _classwise_agreement
 from ..metrics.robust_confusion.robust_confusion import robust_confusion as _robust_confusion
-from ..utils import atomic_write_json, atomic_write_text, public_paths
+from ..utils import atomic_write_json, atomic_write_text, scrub_paths
 from .specs import WORST_OF_ALL
 
 __all__ = ["AttackResult", "RobustnessReport", "classwise_agreement", "merge_results"]
@@ -298,7 +298,7 @@ def merge_results(path: Union[str, Path], new: Dict[str, Any]) -> Dict[str, Any]
     new = dict(new)
     for key in ("model", "dataset"):
         if key in new:
-            new[key] = public_paths(new[key])
+            new[key] = scrub_paths(new[key])
     n_new = new.get("num_examples")
     attacks_new = {name: {**entry, "num_examples": entry.get("num_examples", n_new), "seed": entry.get("seed", new.get("seed"))}
                    for name, entry in (new.get("attacks") or {}).items()}

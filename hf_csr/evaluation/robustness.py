@@ -43,8 +43,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import NORMS, attack_loss, attack_mode, pgd_attack
-from ..data.core import check_labels_in_range, to_unit_float
-from ..utils import as_logits, atomic_save, atomic_write_json, check_choice, check_pixel_values, inputs_prevalidated, parse_pixel_value
+from ..data.core import to_unit_float
+from ..utils import as_logits, atomic_save, atomic_write_json, check_pixel_values, inputs_prevalidated, parse_pixel_value
+from ..validation import check_budget, check_choice, check_labels_in_range, check_positive_int
 from ..validation import check_evaluation_inputs
 from .report import AttackResult, RobustnessReport
 from .sharding import Shards, example_keys, keyed_normal, keyed_uniform
@@ -535,11 +536,8 @@ def evaluate_robustness(
         untrustworthy (zero input gradients, AutoAttack's own checks, AutoAttack weaker than PGD).
     """
     check_choice("norm", norm, NORMS)
-    eps = parse_pixel_value(eps, name="eps")
-    if not eps > 0:
-        raise ValueError(f"eps must be > 0 (pixel units, e.g. 8/255 for Linf or 0.5 for L2); got {eps}.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive integer; got {batch_size!r}.")
+    eps = check_budget(parse_pixel_value(eps, name="eps"), norm, "eps")
+    check_positive_int(batch_size, "batch_size")
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}.")
     check_evaluation_inputs(model, eps, norm)  # Linf eps <= 1; refuse NaN/inf weights (hf_csr.validation)

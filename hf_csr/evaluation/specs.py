@@ -25,12 +25,13 @@ from typing import Any, Dict, Iterable, List, Optional, Tuple, Union
 
 from torch import nn
 
-from ..utils import check_choice
+from ..validation import MAX_ATTACK_STEPS, check_choice, check_positive_int
 
 __all__ = [
     "AUTOATTACK_COMPONENTS",
     "AUTOATTACK_VERSIONS",
     "WORST_OF_ALL",
+    "check_attack_list",
     "AttackConfig",
     "AutoAttackConfig",
     "CleanConfig",
@@ -78,8 +79,7 @@ class PGDConfig:
     uses_gradients = True
 
     def __post_init__(self) -> None:
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
-            raise ValueError(f"PGDConfig.steps must be a positive integer; got {self.steps!r}.")
+        check_positive_int(self.steps, "PGDConfig.steps")
         check_choice("PGDConfig.loss", self.loss, ("ce", "cw"))
         check_choice("PGDConfig.random_start", self.random_start, ("uniform", "none"))
         if not 0 < self.step_fraction <= 1:
@@ -121,9 +121,7 @@ class AutoAttackConfig:
         if len(set(self.attacks)) != len(self.attacks):
             raise ValueError(f"AutoAttackConfig.attacks lists a component twice: {list(self.attacks)}.")
         for field in ("n_iter", "n_queries"):
-            value = getattr(self, field)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"AutoAttackConfig.{field} must be a positive integer or None; got {value!r}.")
+            check_positive_int(getattr(self, field), f"AutoAttackConfig.{field}", allow_none=True)
 
     @property
     def components(self) -> Tuple[str, ...]:
@@ -241,4 +239,26 @@ def parse_attacks(
         config = parse_attack(attack, autoattack_version)
         if config.name not in {c.name for c in configs}:
             configs.append(config)
+    return configs
+
+
+def check_attack_list(attacks: Any, name: str, *, num_classes: Optional[int] = None, autoattack_version: str = "standard"):
+    """Parse an attack list and check it can run: bounded iteration counts and, when ``num_classes`` is
+    known, AutoAttack components that the class count supports (APGD-DLR needs 3 classes, APGD-T 4)."""
+    configs = parse_attacks(attacks, autoattack_version)
+    for config in configs:
+        if isinstance(config, PGDConfig) and config.steps > MAX_ATTACK_STEPS:
+            raise ValueError(f"{name}: {config.name} has {config.steps} steps, above {MAX_ATTACK_STEPS}; use fewer steps.")
+        if isinstance(config, AutoAttackConfig):
+            for field in ("n_iter", "n_queries"):
+                value = getattr(config, field)
+                if value is not None and value > 100 * MAX_ATTACK_STEPS:
+                    raise ValueError(f"{name}: {config.name} sets {field} = {value}, above {100 * MAX_ATTACK_STEPS}.")
+            if num_classes is not None:
+                for component, least in (("apgd-dlr", 3), ("apgd-t", 4)):
+                    if component in config.components and num_classes < least:
+                        raise ValueError(
+                            f"{name}: AutoAttack's {component} needs at least {least} classes and the model has "
+                            f"{num_classes}; use a list without it, e.g. 'autoattack:apgd-ce+fab-t+square'."
+                        )
     return configs

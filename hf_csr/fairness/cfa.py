@@ -31,7 +31,8 @@ import torch
 
 from . import rules
 from .base import FairnessConfig, FairnessMethod
-from .frl import VAL_SIZE_HELP, check_val_size, held_out_per_class
+from ..validation import check_positive_int
+from .frl import VAL_SIZE_HELP, held_out_per_class
 from .registry import register_fairness_method
 
 __all__ = ["CFA", "CFAConfig"]
@@ -80,7 +81,7 @@ class CFAConfig(FairnessConfig):
             raise ValueError(f"cfa_fawa_decay must lie in [0, 1); got {self.fawa_decay}.")
         if not 0 <= self.fawa_threshold <= 1:
             raise ValueError(f"cfa_fawa_threshold must lie in [0, 1]; got {self.fawa_threshold}.")
-        check_val_size(self.val_size)
+        check_positive_int(self.val_size, "fairness_val_size", allow_none=True)
 
 
 @register_fairness_method("cfa")

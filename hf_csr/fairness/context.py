@@ -213,9 +213,9 @@ class FairnessContext:
         if labels is None or len(dataset) <= size:
             indices = np.arange(min(size, len(dataset)))
         else:
-            from ..data import balanced_subset
+            from ..data import stratified_subset
 
-            indices = balanced_subset(np.asarray(labels), size, seed=self.args.seed)
+            indices = stratified_subset(np.asarray(labels), size, seed=self.args.seed)
         return _dataset_tensors(dataset, indices)
 
     def class_statistics(self, images: torch.Tensor, labels: torch.Tensor, *, tag: Any, **attack) -> "ClassStatistics":

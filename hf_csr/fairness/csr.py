@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from ..attacks import attack_mode
 from ..data import RobustImageCollator
-from ..regularizer import CONFUSION_SOURCES, VARIANTS, ConfusionEstimator, csr_penalty
+from ..regularizer import CONFUSION_SOURCES, VARIANTS, ConfusionEstimator, check_gamma, csr_penalty
 from ..utils import as_logits, inputs_prevalidated
+from ..validation import check_choice
 from .base import FairnessConfig, FairnessMethod, LossInputs, LossTerms
 from .registry import register_fairness_method
 
@@ -65,10 +66,8 @@ class CSRConfig(FairnessConfig):
     ema_momentum: float = field(default=0.99, metadata={"help": "CSR: EMA decay mu of the 'ema' confusion source, in [0, 1)."})
 
     def __post_init__(self) -> None:
-        if self.variant not in VARIANTS:
-            raise ValueError(f"csr_variant must be one of {list(VARIANTS)}; got {self.variant!r}.")
-        if self.confusion_source not in CONFUSION_SOURCES:
-            raise ValueError(f"csr_confusion_source must be one of {list(CONFUSION_SOURCES)}; got {self.confusion_source!r}.")
+        check_choice("csr_variant", self.variant, VARIANTS)
+        check_choice("csr_confusion_source", self.confusion_source, CONFUSION_SOURCES)
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha < 0:
             raise ValueError(f"csr_alpha must be >= 0; got {self.alpha}.")
         if self.variant == "reference" and self.alpha > 1:
@@ -76,10 +75,7 @@ class CSRConfig(FairnessConfig):
                 f"csr_alpha must lie in [0, 1] for csr_variant='reference', which scales the CE term by (1 - alpha); "
                 f"got {self.alpha}."
             )
-        if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
-            raise ValueError(f"csr_gamma must be >= 0; got {self.gamma}.")
-        if self.variant == "reference" and self.gamma >= 1:
-            raise ValueError(f"csr_gamma must lie in [0, 1) for csr_variant='reference'; got {self.gamma}.")
+        check_gamma(self.gamma, self.variant, "csr_gamma", "csr_variant")
         if not 0 <= self.ema_momentum < 1:
             raise ValueError(f"csr_ema_momentum must lie in [0, 1); got {self.ema_momentum}.")
 

@@ -22,6 +22,7 @@ from typing import Dict, Optional
 
 import torch
 
+from ..validation import check_positive_int
 from . import rules
 from .base import FairnessConfig, FairnessMethod, LossInputs, LossTerms
 from .registry import register_fairness_method
@@ -42,8 +43,7 @@ class FAALConfig(FairnessConfig):
     def __post_init__(self) -> None:
         if isinstance(self.rho, bool) or not isinstance(self.rho, (int, float)) or not math.isfinite(self.rho) or self.rho < 0:
             raise ValueError(f"faal_rho must be a finite number >= 0; got {self.rho!r}.")
-        if isinstance(self.search_steps, bool) or not isinstance(self.search_steps, int) or self.search_steps < 1:
-            raise ValueError(f"faal_search_steps must be a positive integer; got {self.search_steps!r}.")
+        check_positive_int(self.search_steps, "faal_search_steps")
 
 
 @register_fairness_method("faal")

@@ -31,6 +31,7 @@ from typing import Any, Dict, Optional
 
 import torch
 
+from ..validation import check_positive_int
 from . import rules
 from .base import FairnessConfig, FairnessMethod
 from .registry import register_fairness_method
@@ -52,12 +53,6 @@ def held_out_per_class(val_size: Optional[int], num_classes: int, original: int)
 def _finite(flag: str, value, *, minimum: float = 0.0) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < minimum:
         raise ValueError(f"{flag} must be a finite number >= {minimum:g}; got {value!r}.")
-
-
-def check_val_size(value) -> None:
-    """``fairness_val_size`` (FRL, CFA and WAT hold out this many training images per class): a positive int or None."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"fairness_val_size must be a positive integer or unset; got {value!r}.")
 
 
 @dataclass
@@ -97,7 +92,7 @@ class FRLConfig(FairnessConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "rate_halving" else 1):
                 raise ValueError(f"frl_{name} must be an integer >= {0 if name == 'rate_halving' else 1}; got {value!r}.")
-        check_val_size(self.val_size)
+        check_positive_int(self.val_size, "fairness_val_size", allow_none=True)
 
     @property
     def taus(self):

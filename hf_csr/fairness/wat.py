@@ -26,7 +26,8 @@ import torch
 
 from . import rules
 from .base import FairnessConfig, FairnessMethod
-from .frl import VAL_SIZE_HELP, check_val_size, held_out_per_class
+from ..validation import check_positive_int
+from .frl import VAL_SIZE_HELP, held_out_per_class
 from .registry import register_fairness_method
 
 __all__ = ["WAT", "WATConfig"]
@@ -50,7 +51,7 @@ class WATConfig(FairnessConfig):
             raise ValueError(f"wat_eta must be a finite number >= 0; got {self.eta!r}.")
         if not isinstance(self.normalize_loss, bool):
             raise ValueError(f"wat_normalize_loss must be true or false; got {self.normalize_loss!r}.")
-        check_val_size(self.val_size)
+        check_positive_int(self.val_size, "fairness_val_size", allow_none=True)
 
 
 @register_fairness_method("wat")

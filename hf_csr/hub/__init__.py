@@ -1,9 +1,8 @@
-"""The Hub: published robust checkpoints and DDPM data in, robust checkpoints with class-wise model cards out.
+"""The Hub out: robust checkpoints with class-wise model cards.
 
-* :func:`load_published` / ``hf-csr convert``: DDPM-data, RobustBench-style, TRADES(-AWP) and PreAct-ResNet
-  checkpoints (Hub or local file) -> :class:`~hf_csr.RobustImageClassifier`.
-* :func:`download_generated_data`, :func:`convert_generated_data` / ``hf-csr convert-data`` and
-  :class:`GeneratedImageDataset`: DDPM-generated ``.npz`` images -> memory-mapped shards.
+(Published checkpoints in -- ``hf-csr convert`` -- live with the models, :mod:`hf_csr.models.published`;
+the DDPM-generated data -- ``hf-csr convert-data`` -- with the data, :mod:`hf_csr.data.generated`.)
+
 * :func:`render_model_card` / :func:`write_model_card` / ``hf-csr card``: class-wise model cards.
 * :func:`push_checkpoint` / ``hf-csr push``: upload a checkpoint directory (regular files only, safe types only;
   the card is re-rendered for the target repo first).
@@ -21,20 +20,6 @@ _EXPORTS = {
     "render_model_card": ".cards",
     "training_setup": ".cards",
     "write_model_card": ".cards",
-    "DATASETS": ".checkpoints",
-    "LAYOUTS": ".checkpoints",
-    "PUBLISHED_CHECKPOINTS": ".checkpoints",
-    "ConvertedCheckpoint": ".checkpoints",
-    "DatasetInfo": ".checkpoints",
-    "PublishedCheckpoint": ".checkpoints",
-    "convert_checkpoint": ".checkpoints",
-    "load_published": ".checkpoints",
-    "read_checkpoint": ".checkpoints",
-    "DDPM_DATA_REPO": ".generated_data",
-    "GeneratedImageDataset": ".generated_data",
-    "ShardedArray": ".generated_data",
-    "convert_generated_data": ".generated_data",
-    "download_generated_data": ".generated_data",
     "PUSH_PATTERNS": ".push",
     "HubPushError": ".push",
     "check_checkpoint_dir": ".push",

@@ -21,17 +21,11 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 from urllib.parse import quote
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import validate_repo_id
 
-from ..utils import atomic_write_text, public_path, public_paths, read_json_object
-from .checkpoints import DATASETS
-
-#: Datasets a card can name: display name and Hub dataset id (``hf-csr card --dataset``).
-CARD_DATASETS: Dict[str, tuple] = {
-    **{key: (info.name, info.hub_id) for key, info in DATASETS.items()},
-    "fashion_mnist": ("Fashion-MNIST", "zalando-datasets/fashion_mnist"),
-}
+from ..utils import atomic_write_text, public_path, read_json_object, scrub_paths
+from ..validation import check_repo_id, is_repo_id
+from ..data.registry import DATASETS as CARD_DATASETS  # the datasets a card can name (``hf-csr card --dataset``)
+from ..data.registry import dataset_info
 
 __all__ = ["MODEL_CARD_TEMPLATE", "ATTACK_NAMES", "CARD_DATASETS", "escape_markdown", "framework_versions",
            "public_path", "render_model_card", "write_model_card"]
@@ -159,16 +153,6 @@ def _plot_entries(plots: Union[Mapping[str, str], Sequence[str], None]) -> List[
     return entries
 
 
-def _validated_repo_id(value: Optional[str], name: str) -> Optional[str]:
-    if value is None:
-        return None
-    try:
-        validate_repo_id(value)
-    except HFValidationError as error:
-        raise ValueError(f"{name} must be a Hub repo id like 'namespace/name'; got {value!r} ({error}).") from None
-    return value
-
-
 def framework_versions() -> Dict[str, str]:
     """Versions of the libraries that made the checkpoint (as transformers' and TRL's cards list them)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -187,10 +171,8 @@ def _dataset_ids(dataset: Optional[str], dataset_id: Optional[str], datasets: Op
     for item in datasets or []:
         item = str(item)
         if item in CARD_DATASETS:
-            item = CARD_DATASETS[item][1]
-        try:
-            validate_repo_id(item)
-        except HFValidationError:
+            item = CARD_DATASETS[item].hub_id or item
+        if not is_repo_id(item):
             continue  # a local file or folder is not a Hub dataset id
         if "/" in item and item not in ids:
             ids.append(item)
@@ -239,19 +221,17 @@ def render_model_card(
         model_name: the card's title; default: the repo name.
         versions: framework versions to list; default: the installed ones.
     """
-    repo_id = _validated_repo_id(repo_id, "repo_id")
-    base_model = _validated_repo_id(base_model, "base_model")
+    repo_id = check_repo_id(repo_id, "repo_id", allow_none=True)
+    base_model = check_repo_id(base_model, "base_model", allow_none=True)
     if config is not None and not isinstance(config, Mapping):
         config = config.to_dict()
     config = dict(config or {})
     id2label = config.get("id2label") or {}
     results = dict(results or {})
     class_names = [str(n) for n in results.get("class_names") or [id2label[k] for k in sorted(id2label, key=int)]]
-    info = CARD_DATASETS.get(dataset) if dataset is not None else None
-    if dataset is not None and info is None:
-        raise ValueError(f"dataset must be one of {sorted(CARD_DATASETS)} or None; got {dataset!r}.")
-    dataset_name = dataset_name or (info[0] if info else "the evaluation data")
-    dataset_id = dataset_id or (info[1] if info else None)
+    info = dataset_info(dataset)
+    dataset_name = dataset_name or (info.name if info else "the evaluation data")
+    dataset_id = dataset_id or (info.hub_id if info else None)
     dataset_ids = _dataset_ids(dataset, dataset_id, datasets)
     threat = results.get("threat_model") or config.get("threat_model")
     title = model_name or (repo_id.split("/")[-1] if repo_id else "Robust image classifier")
@@ -281,7 +261,7 @@ def render_model_card(
             task_type="image-classification",
             task_name="Image Classification",
             dataset_type=dataset_id or "custom",
-            dataset_name=info[0] if info else public_path(dataset_name),
+            dataset_name=info.name if info else public_path(dataset_name),
             dataset_split="test",
             metric_config=key,
             metric_args=dict(threat) if threat and key != "clean" else None,
@@ -319,7 +299,7 @@ def render_model_card(
         eval_results=eval_results or None,
         **{k: v for k, v in extra.items() if v},
     )
-    training = public_paths(dict(training or {}))
+    training = scrub_paths(dict(training or {}))
     training_rows = [
         {"key": escape_markdown(k), "value": _training_value(v)} for k, v in training.items()
     ]
@@ -403,7 +383,7 @@ def render_directory_card(
         if kwargs.get(key) is None and saved.get(key) is not None:
             kwargs[key] = saved[key]
     if kwargs.get("training") is not None:
-        kwargs["training"] = public_paths(dict(kwargs["training"]))
+        kwargs["training"] = scrub_paths(dict(kwargs["training"]))
     metadata = {key: kwargs[key] for key in CARD_METADATA_KEYS if kwargs.get(key) is not None}
     if results is None and (output_dir / "results.json").is_file():
         results = read_results(output_dir / "results.json")
@@ -536,11 +516,7 @@ def base_model_of(model: Any) -> Optional[str]:
     for candidate in (getattr(config, "base_model", None), getattr(config, "_name_or_path", None)):
         if not isinstance(candidate, str) or not candidate or os.path.exists(candidate) or os.path.isabs(candidate):
             continue
-        try:
-            validate_repo_id(candidate)
-        except HFValidationError:
-            continue
-        if candidate.count("/") == 1:
+        if is_repo_id(candidate) and candidate.count("/") == 1:
             return candidate
     return None
 
@@ -558,7 +534,8 @@ def dataset_card_info(*datasets: Any) -> Dict[str, Any]:
             base = name.split("[")[0]
             if base in CARD_DATASETS:
                 known = known or base
-                hub_ids.append(CARD_DATASETS[base][1])
+                if CARD_DATASETS[base].hub_id:
+                    hub_ids.append(CARD_DATASETS[base].hub_id)
             elif base.count("/") == 1 and not os.path.exists(base):
                 hub_ids.append(base)
     out: Dict[str, Any] = {}

@@ -22,10 +22,10 @@ logger = logging.getLogger(__name__)
 
 def _threat_model(text: str) -> dict:
     from ..utils import parse_pixel_value
-    from ..validation import check_budget
+    from ..validation import NORMS, check_budget
 
     norm, sep, eps = text.partition(":")
-    if not sep or norm not in ("Linf", "L2"):
+    if not sep or norm not in NORMS:
         raise argparse.ArgumentTypeError(f"expected NORM:EPS with NORM Linf or L2, e.g. Linf:8/255; got {text!r}")
     try:
         return {"norm": norm, "eps": check_budget(parse_pixel_value(eps, "eps"), norm, "--threat_model eps")}
@@ -69,9 +69,9 @@ def _staged_directory(output: Path, overwrite: bool, keep=()) -> Iterator[Path]:
 
 def _convert(args: argparse.Namespace) -> int:
     from .cards import write_model_card
-    from .checkpoints import _resolve_source, load_published
+    from ..models.published import load_published, resolve_source
 
-    entry, _, repo_id, filename = _resolve_source(args.source, args.filename)
+    entry, _, repo_id, filename = resolve_source(args.source, args.filename)
     model = load_published(
         args.source, filename=args.filename, backbone=args.backbone, num_classes=args.num_classes,
         dataset=args.dataset, threat_model=args.threat_model, revision=args.revision, cache_dir=args.cache_dir,
@@ -96,7 +96,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _convert_data(args: argparse.Namespace) -> int:
-    from .generated_data import convert_generated_data, download_generated_data
+    from ..data.generated import convert_generated_data, download_generated_data
 
     paths = [
         Path(source) if Path(source).is_file() else download_generated_data(source, revision=args.revision)
@@ -151,7 +151,7 @@ def _dataset_name(kind: str):
         if kind == "card":
             from .cards import CARD_DATASETS as known
         else:
-            from .checkpoints import DATASETS as known
+            from ..data.registry import DATASETS as known
         if text not in known:
             raise argparse.ArgumentTypeError(f"unknown dataset {text!r}; choose one of {sorted(known)}")
         return text
@@ -167,7 +167,7 @@ def add_hub_commands(sub: argparse._SubParsersAction) -> None:
         sub, "convert",
         help="convert a published robust checkpoint (DDPM-data, RobustBench, TRADES) into a save_pretrained directory",
         description="Converts a published robust checkpoint into a save_pretrained directory with a class-wise "
-        "model card. The known published names are hf_csr.hub.PUBLISHED_CHECKPOINTS (an unknown name is refused "
+        "model card. The known published names are hf_csr.models.published.PUBLISHED_CHECKPOINTS (an unknown name is refused "
         "with the list), e.g. wrn28_10_ddpm.dm_cifar10_linf.",
     )
     convert.add_argument("source", help="a published name, a Hub repo id (with --filename) or a local .pt/.safetensors file")

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import List, Optional, Union
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
-from huggingface_hub.errors import HFValidationError
-from huggingface_hub.utils import httpx, validate_repo_id
+from huggingface_hub.utils import httpx
 from safetensors import SafetensorError, safe_open
 
 from ..models.modeling_robust import RobustClassifierConfig
 from ..utils import atomic_write_text, read_json_object
+from ..validation import check_repo_id
 from .cards import CARD_METADATA, render_directory_card
 
 __all__ = ["PUSH_PATTERNS", "HubPushError", "check_checkpoint_dir", "push_checkpoint", "regular_files",
@@ -137,10 +137,7 @@ def push_checkpoint(
         HubPushError: the Hub refused or the connection failed; ``local_dir`` is left as it was and the
             message says what to retry.
     """
-    try:
-        validate_repo_id(repo_id)
-    except HFValidationError as error:
-        raise ValueError(f"repo_id must look like 'namespace/name'; got {repo_id!r} ({error}).") from None
+    check_repo_id(repo_id, "repo_id")
     directory = Path(local_dir)
     files = check_checkpoint_dir(directory)
     card = metadata = saved = None

@@ -1,4 +1,4 @@
-"""Pieces shared by the CIFAR-style backbones: dataset statistics, activations, timm's model interface
+"""Pieces shared by the CIFAR-style backbones: dataset statistics (from :mod:`hf_csr.data.registry`), activations, timm's model interface
 (classifier head, features, intermediates, gradient checkpointing) and checkpoint-key helpers.
 
 This module has no ``from __future__ import annotations`` on purpose: TorchScript reads the annotations of
@@ -15,12 +15,11 @@ from torch.utils.checkpoint import checkpoint
 from timm.layers import create_classifier
 from timm.models._features import feature_take_indices
 
-CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR10_STD = (0.2471, 0.2435, 0.2616)
-CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
-CIFAR100_STD = (0.2673, 0.2564, 0.2762)
-IDENTITY_MEAN = (0.0, 0.0, 0.0)
-IDENTITY_STD = (1.0, 1.0, 1.0)
+from ..data.registry import DATASETS, IDENTITY_MEAN, IDENTITY_STD  # noqa: F401  (re-exported for the backbones)
+
+# The statistics the backbones' pretrained configs name, read from the dataset registry.
+CIFAR10_MEAN, CIFAR10_STD = DATASETS["cifar10"].mean, DATASETS["cifar10"].std
+CIFAR100_MEAN, CIFAR100_STD = DATASETS["cifar100"].mean, DATASETS["cifar100"].std
 
 ACTIVATIONS: Dict[str, Type[nn.Module]] = {"relu": nn.ReLU, "silu": nn.SiLU, "swish": nn.SiLU}
 

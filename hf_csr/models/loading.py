@@ -6,7 +6,7 @@ input (the AutoAttack / RobustBench convention). It accepts:
 
 * an hf_csr model (a ``save_pretrained`` directory or Hub repo of a ``RobustImageClassifier``): loaded as
   it is, it already normalises inside;
-* a published checkpoint name (``wrn28_10_ddpm.dm_cifar10_linf``, see ``hf_csr.hub.PUBLISHED_CHECKPOINTS``)
+* a published checkpoint name (``wrn28_10_ddpm.dm_cifar10_linf``, see ``hf_csr.models.published.PUBLISHED_CHECKPOINTS``)
   or a checkpoint file (``.pt``/``.pth``/``.safetensors`` in a known layout), as the recipes take them;
 * any transformers image classifier (local directory or Hub repo) with its image processor: the
   processor's resize, centre crop, rescale and normalisation are *folded into the model*
@@ -36,6 +36,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..utils import read_json_object
 
 __all__ = [
     "PixelSpaceClassifier",
@@ -189,7 +191,7 @@ def load_robust_model(
     text = os.fspath(source)
     path = Path(text).expanduser()
     if path.is_dir():
-        config = _read_config(path / "config.json") if (path / "config.json").is_file() else None
+        config = read_json_object(path / "config.json") if (path / "config.json").is_file() else None
         if config is not None and "architecture" in config and "model_type" not in config:
             return _load_timm(f"local-dir:{path}", class_names, threat_model)
         return _load_transformers(str(path), revision, threat_model)
@@ -198,7 +200,7 @@ def load_robust_model(
             logger.warning("%s: no --weights given: the factory's own (possibly random) weights are evaluated.", text)
         module = _call_factory(text, factory_kwargs or {})
         return _wrap_module(module, weights, class_names, num_classes, input_size, mean, std, threat_model, text)
-    from ..hub.checkpoints import PUBLISHED_CHECKPOINTS, load_published
+    from .published import PUBLISHED_CHECKPOINTS, load_published
 
     if text in PUBLISHED_CHECKPOINTS or (path.is_file() and path.suffix in _CHECKPOINT_SUFFIXES):
         return load_published(text, class_names=class_names, num_classes=num_classes, threat_model=threat_model,
@@ -222,16 +224,6 @@ def load_robust_model(
         f"({', '.join(PUBLISHED_CHECKPOINTS)}), a timm model name (timm/..., hf-hub:..., local-dir:...), a Hub repo "
         "id (namespace/name) nor package.module:factory."
     )
-
-
-def _read_config(path: Path) -> Dict[str, Any]:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read {str(path)!r}: {error}; the file is truncated or corrupted.") from error
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object.")
-    return value
 
 
 def _is_factory(text: str) -> bool:
@@ -261,9 +253,9 @@ def _call_factory(text: str, kwargs: Dict[str, Any]) -> nn.Module:
 
 
 def _load_weights(model: nn.Module, weights: Union[str, os.PathLike]) -> None:
-    from ..hub.checkpoints import _state_dict, read_checkpoint
+    from .published import read_checkpoint, state_dict_of
 
-    state = _state_dict(read_checkpoint(weights), f"weights {str(weights)!r}")
+    state = state_dict_of(read_checkpoint(weights), f"weights {str(weights)!r}")
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as error:
@@ -394,10 +386,10 @@ def _load_timm(name: str, class_names, threat_model) -> nn.Module:
 
 def _load_hub(repo_id: str, revision: Optional[str], class_names, threat_model) -> nn.Module:
     """A Hub repo: transformers (``model_type`` in config.json) or timm (``architecture``)."""
-    from ..hub.checkpoints import hub_file
+    from ..utils import hub_file
 
     try:
-        config = _read_config(hub_file(repo_id, "config.json", revision=revision))
+        config = read_json_object(hub_file(repo_id, "config.json", revision=revision))
     except FileNotFoundError as error:
         raise ValueError(f"cannot load the Hub repo {repo_id!r}: {error}") from error
     if "architecture" in config and "model_type" not in config:
@@ -489,7 +481,7 @@ def prepare_training_data(model: nn.Module, dataset: Any, name: str) -> Any:
 def _from_hf_dataset(model, dataset, name: str):
     import datasets as hf_datasets
 
-    from ..data.sources import _dataset, _hf_images, _hf_labels, _pick_column
+    from ..data.sources import dataset_from_arrays, hf_images, hf_labels, pick_column
 
     columns = list(dataset.column_names)
     if "pixel_values" in columns and ("labels" in columns or "label" in columns):
@@ -498,8 +490,8 @@ def _from_hf_dataset(model, dataset, name: str):
             "'label'), or set its format to torch and rename the label column to 'labels'."
         )
     try:
-        image_column = _pick_column(dataset, None, hf_datasets.Image, ("image", "img", "images"), "image", "image_column")
-        label_column = _pick_column(dataset, None, hf_datasets.ClassLabel, ("label", "labels"), "label", "label_column")
+        image_column = pick_column(dataset, None, hf_datasets.Image, ("image", "img", "images"), "image", "image_column")
+        label_column = pick_column(dataset, None, hf_datasets.ClassLabel, ("label", "labels"), "label", "label_column")
     except ValueError as error:
         raise ValueError(
             f"{name}: {error}. CSRTrainer takes a datasets.Dataset with an 'image' (or 'img') column and a 'label' (or "
@@ -508,14 +500,14 @@ def _from_hf_dataset(model, dataset, name: str):
     config = getattr(model, "config", None)
     id2label = getattr(config, "id2label", None) or {}
     model_names = [str(id2label[k]) for k in sorted(id2label, key=int)] or None
-    labels, names = _hf_labels(dataset, label_column, model_names)
+    labels, names = hf_labels(dataset, label_column, model_names)
     channels = getattr(config, "num_channels", None)
-    images = _hf_images(dataset, image_column, channels if channels in (1, 3) else None)
+    images = hf_images(dataset, image_column, channels if channels in (1, 3) else None)
     if model_names is not None and len(names) < len(model_names):
         names = list(model_names)
     logger.info("%s: converted the datasets.Dataset (%d images, columns %r / %r)", name, len(labels), image_column,
                 label_column)
-    return _dataset(images, labels, names, name)
+    return dataset_from_arrays(images, labels, names, name)
 
 
 def _check_geometry(model, dataset, name: str) -> None:

@@ -9,7 +9,7 @@ rescale to [0, 1], *no* normalisation), so ``pipeline("image-classification", mo
 A bare timm backbone from hf_csr's registry (``timm.create_model("wrn28_10_ddpm.dm_cifar10_linf",
 pretrained=True)``) does *not* normalise: it expects inputs already normalised with its ``pretrained_cfg``
 mean/std, so an attack budget on its input is not in pixel units. Use
-``hf_csr.hub.load_published("wrn28_10_ddpm.dm_cifar10_linf")`` (or ``hf_csr.load_robust_model``), which wraps
+``hf_csr.models.published.load_published("wrn28_10_ddpm.dm_cifar10_linf")`` (or ``hf_csr.load_robust_model``), which wraps
 it in a :class:`RobustImageClassifier` that normalises inside. The config records the
 backbone (name and arguments), mean/std, class names and the threat model the weights were trained
 for. ``save_pretrained`` writes safetensors; ``AutoModelForImageClassification.from_pretrained``
@@ -42,6 +42,7 @@ from transformers import (
 from transformers.modeling_outputs import ImageClassifierOutput
 
 from ..utils import apply_umask, check_pixel_values, input_checks_enabled
+from ..validation import NORMS, check_budget, check_choice, check_labels_in_range
 from .timm_format import TIMM_CONFIG_KEYS, write_timm_hub_files
 
 __all__ = ["RobustClassifierConfig", "RobustImageClassifier", "RobustImageProcessor", "create_robust_classifier",
@@ -52,10 +53,9 @@ MAX_PARAMETERS = 2_000_000_000
 _MAX_IMAGE_SIZE = 4096
 _MAX_CHANNELS = 64
 _MAX_CLASSES = 100_000
-THREAT_NORMS = ("Linf", "L2")
 
 
-def _check_backbone_name(name: Any) -> None:
+def check_backbone_name(name: Any) -> None:
     if not isinstance(name, str) or not name:
         raise ValueError(f"backbone must be a timm model name (str); got {name!r}.")
     if not timm.is_model(name):
@@ -63,7 +63,7 @@ def _check_backbone_name(name: Any) -> None:
         hint = f" Did you mean {close}?" if close else ""
         raise ValueError(
             f"unknown backbone {name!r}: it is not in timm's registry (after `import hf_csr`).{hint} "
-            "hf_csr registers preact_resnet18, wrn28_10_ddpm, wrn34_10_ddpm, wrn70_16_ddpm, wrn28_10_trades, "
+            "hf_csr registers preact_resnet18, preact_resnet_tiny, wrn28_10_ddpm, wrn34_10_ddpm, wrn70_16_ddpm, wrn28_10_trades, "
             "wrn34_10_trades and wrn70_16_trades; any timm model name also works."
         )
 
@@ -105,7 +105,7 @@ class RobustClassifierConfig(PreTrainedConfig):
     base_model: Optional[str] = None
 
     def __post_init__(self, **kwargs):
-        _check_backbone_name(self.backbone)
+        check_backbone_name(self.backbone)
         if self.backbone_kwargs is None:
             self.backbone_kwargs = {}
         if not isinstance(self.backbone_kwargs, dict):
@@ -141,19 +141,13 @@ class RobustClassifierConfig(PreTrainedConfig):
 
 
 def _check_threat_model(threat_model: Optional[dict]) -> Dict[str, Any]:
-    from ..validation import check_budget
-
     threat = {"norm": "Linf", "eps": 8 / 255}
     if threat_model is not None:
         if not isinstance(threat_model, dict):
             raise ValueError(f"threat_model must be a dict like {{'norm': 'Linf', 'eps': 8/255}}; got {threat_model!r}.")
         threat.update(threat_model)
-    if threat["norm"] not in THREAT_NORMS:
-        raise ValueError(f"threat_model['norm'] must be one of {list(THREAT_NORMS)}; got {threat['norm']!r}.")
-    eps = threat["eps"]
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
-        raise ValueError(f"threat_model['eps'] must be a positive number (pixel units); got {eps!r}.")
-    threat["eps"] = check_budget(eps, threat["norm"], "threat_model['eps']")  # <= 1 for Linf
+    check_choice("threat_model['norm']", threat["norm"], NORMS)
+    threat["eps"] = check_budget(threat["eps"], threat["norm"], "threat_model['eps']")
     return threat
 
 
@@ -293,7 +287,7 @@ class RobustImageClassifier(PreTrainedModel):
         loss = None
         if labels is not None:
             if input_checks_enabled():
-                _check_labels(labels, self.config.num_labels)
+                check_labels_in_range(labels, self.config.num_labels, "labels", allow_empty=True)
             loss = F.cross_entropy(logits.float(), labels)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if not return_dict:
@@ -325,14 +319,6 @@ class RobustImageProcessor(ViTImageProcessor):
         else:
             images = convert(images)
         return super().preprocess(images, *args, **kwargs)
-
-
-def _check_labels(labels: torch.Tensor, num_labels: int) -> None:
-    if labels.numel() and (bool((labels < 0).any()) or bool((labels >= num_labels).any())):
-        raise ValueError(
-            f"labels must lie in [0, num_labels) = [0, {num_labels}); got values in "
-            f"[{int(labels.min())}, {int(labels.max())}]. Check the dataset's label column against the model's classes."
-        )
 
 
 def _create_backbone(name: str, kwargs: Dict[str, Any]) -> nn.Module:
@@ -372,7 +358,8 @@ def create_robust_classifier(
     ``class_names`` (or ``num_classes``) fixes the classes; ``backbone_kwargs`` go to timm.
     ``dataset``: an hf_csr dataset (e.g. ``load_image_dataset(...)``) or anything yielding
     ``{"pixel_values": (C, H, W)}`` with ``class_names``: the classes, channels and image size not given
-    are taken from it (defaults without a dataset: 3 channels, 32 x 32). A mismatch between the model and
+    are taken from it (defaults without a dataset: the backbone's timm ``pretrained_cfg`` input size, else
+    3 channels, 32 x 32). A mismatch between the model and
     the data is also caught when the :class:`~hf_csr.CSRTrainer` is built.
     """
     if dataset is not None:
@@ -385,8 +372,9 @@ def create_robust_classifier(
         names = getattr(dataset, "class_names", None)
         if class_names is None and num_classes is None and names:
             class_names = list(names)
-    num_channels = 3 if num_channels is None else num_channels
-    image_size = 32 if image_size is None else image_size
+    cfg_channels, cfg_size = _default_input_size(backbone)
+    num_channels = cfg_channels if num_channels is None else num_channels
+    image_size = cfg_size if image_size is None else image_size
     if class_names is not None:
         names: List[str] = [str(n) for n in class_names]
         if num_classes is not None and num_classes != len(names):
@@ -407,6 +395,15 @@ def create_robust_classifier(
         label2id={n: i for i, n in enumerate(names)},
     )
     return RobustImageClassifier(config)
+
+
+def _default_input_size(backbone: str) -> tuple:
+    """(channels, size) of the backbone's timm ``pretrained_cfg`` when it names a square input, else (3, 32)."""
+    cfg = timm.models.get_pretrained_cfg(timm.models.get_arch_name(backbone) if "." not in backbone else backbone)
+    size = getattr(cfg, "input_size", None) if cfg is not None else None
+    if size is None or len(size) != 3 or size[1] != size[2]:
+        return 3, 32
+    return int(size[0]), int(size[1])
 
 
 def _dataset_geometry(dataset: Any) -> tuple:

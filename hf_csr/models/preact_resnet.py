@@ -2,7 +2,8 @@
 
 Parameter names follow the widely used CIFAR implementation (``conv1``, ``layer{1..4}.{k}.bn1/conv1/
 bn2/conv2/shortcut.0``, ``bn``, ``linear``), so its state dicts load without a key mapping.
-``width`` and ``num_blocks`` shrink the network for tests.
+``width`` and ``num_blocks`` shrink the network; ``preact_resnet_tiny`` is the registered small one (one
+block per stage, width 8, 1 x 28 x 28 Fashion-MNIST inputs) that the quick start and the tests train.
 """
 
 from typing import Dict, List, Mapping, Optional, Sequence
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from ..data.registry import DATASETS
 from ._common import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -140,7 +142,14 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({"preact_resnet18.cifar10": _cfg()})
+_FASHION_MNIST = DATASETS["fashion_mnist"]
+default_cfgs = generate_default_cfgs({
+    "preact_resnet18.cifar10": _cfg(),
+    "preact_resnet_tiny.fashion_mnist": _cfg(
+        input_size=_FASHION_MNIST.input_size, mean=_FASHION_MNIST.mean, std=_FASHION_MNIST.std,
+        num_classes=_FASHION_MNIST.num_classes,
+    ),
+})
 
 
 @register_model
@@ -149,4 +158,16 @@ def preact_resnet18(pretrained: bool = False, **kwargs) -> PreActResNet:
     kwargs.setdefault("num_blocks", (2, 2, 2, 2))
     return build_model_with_cfg(
         PreActResNet, "preact_resnet18", pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
+    )
+
+
+@register_model
+def preact_resnet_tiny(pretrained: bool = False, **kwargs) -> PreActResNet:
+    """A small PreAct-ResNet for 1 x 28 x 28 Fashion-MNIST images: one block per stage, width 8 (about 77k
+    parameters, 10 classes); the backbone of the quick start and the tests (``width`` shrinks it further)."""
+    kwargs.setdefault("num_blocks", (1, 1, 1, 1))
+    kwargs.setdefault("width", 8)
+    kwargs.setdefault("in_chans", _FASHION_MNIST.num_channels)
+    return build_model_with_cfg(
+        PreActResNet, "preact_resnet_tiny", pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs
     )

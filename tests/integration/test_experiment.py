@@ -102,7 +102,7 @@ def test_generated_data_recipe_end_to_end(tmp_path):
 def test_recipe_script_writes_model_results_plots_and_card(tmp_path):
     out = tmp_path / "scratch"
     cmd = [sys.executable, str(REPO / "recipes" / "train_from_scratch.py"), "--output_dir", str(out),
-           "--model", "preact_resnet18", "--backbone_kwargs", '{"width": 4, "num_blocks": [1, 1, 1, 1]}',
+           "--model", "preact_resnet_tiny", "--backbone_kwargs", '{"width": 4}',
            "--dataset", "fashion_mnist", "--train_limit", "64", "--eval_limit", "30", "--max_steps", "2",
            "--per_device_train_batch_size", "16", "--attack_steps", "2", "--final_eval_attacks", "clean,pgd5",
            "--eval_strategy", "no", "--use_cpu", "--disable_tqdm", "true", "--save_strategy", "no"]

@@ -11,7 +11,7 @@ import pytest
 from accelerate import PartialState
 
 from hf_csr.experiment import _first_then_others, check_launch
-from hf_csr.hub.generated_data import convert_generated_data, find_conversion
+from hf_csr.data.generated import convert_generated_data, find_conversion
 
 REPO = Path(__file__).resolve().parents[2]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}

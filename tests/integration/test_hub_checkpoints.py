@@ -12,7 +12,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_csr  # noqa: F401  (registers the model with transformers)
 from hf_csr.cli import main
-from hf_csr.hub import PUBLISHED_CHECKPOINTS, convert_checkpoint, load_published, read_checkpoint
+from hf_csr.models.published import PUBLISHED_CHECKPOINTS, convert_checkpoint, load_published, read_checkpoint
 from hf_csr.models._common import CIFAR100_MEAN, CIFAR100_STD
 
 

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from hf_csr.cli import main
 from hf_csr.data import RobustImageCollator, TensorImageDataset
-from hf_csr.hub import DDPM_DATA_REPO, GeneratedImageDataset, convert_generated_data, download_generated_data
+from hf_csr.data.generated import DDPM_DATA_REPO, GeneratedImageDataset, convert_generated_data, download_generated_data
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -166,7 +166,7 @@ def test_truncated_shard_is_reported(tmp_path):
 # ----------------------------------------------------------------------------- memory
 _MEASURE = r"""
 import json, sys
-from hf_csr.hub import convert_generated_data
+from hf_csr.data.generated import convert_generated_data
 
 def kib(field):
     return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])

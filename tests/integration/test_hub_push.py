@@ -13,7 +13,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForImageClassification
 
 import hf_csr  # noqa: F401
-from hf_csr.hub import HubPushError, load_published, push_checkpoint, write_model_card
+from hf_csr.hub import HubPushError, push_checkpoint, write_model_card
+from hf_csr.models.published import load_published
 
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -104,7 +105,7 @@ def test_push_refuses_broken_directories_before_any_request(local_hub, checkpoin
     weights.unlink()
     with pytest.raises(FileNotFoundError, match=r"no safetensors weights \(found pickles \['optimizer.pt', 'training_args.bin'\]"):
         push_checkpoint(directory, "me/wrn-csr")
-    with pytest.raises(ValueError, match="repo_id must look like"):
+    with pytest.raises(ValueError, match="repo_id must be a Hub repo id like"):
         push_checkpoint(directory, "a/b/c")
     assert local_hub.requests == []
 

@@ -12,7 +12,8 @@ from huggingface_hub import ModelCard
 
 from hf_csr.cli import main
 from hf_csr.evaluation.report import AttackResult
-from hf_csr.hub import read_checkpoint, render_model_card, write_model_card
+from hf_csr.hub import render_model_card, write_model_card
+from hf_csr.models.published import read_checkpoint
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -103,7 +104,7 @@ def test_convert_with_an_unknown_backbone_names_it(reference, tmp_path, capsys):
 
 
 def test_a_small_deflated_checkpoint_that_expands_to_gigabytes_is_refused(reference, tmp_path, monkeypatch):
-    import hf_csr.hub.checkpoints as checkpoints
+    import hf_csr.models.published as checkpoints
 
     bomb = tmp_path / "bomb.pt"
     with zipfile.ZipFile(bomb, "w", compression=zipfile.ZIP_DEFLATED) as archive:

@@ -15,7 +15,7 @@ from transformers import AutoModelForImageClassification
 
 import hf_csr
 from hf_csr import CSRTrainer
-from hf_csr.hub import load_published
+from hf_csr.models.published import load_published
 
 
 REPO = Path(__file__).resolve().parents[2]

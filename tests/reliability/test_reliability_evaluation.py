@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hf_csr.cli import main as cli_main
-from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD
+from hf_csr.data import FASHION_MNIST_CLASSES
 from hf_csr.evaluation import evaluate_robustness
 from hf_csr.models import create_robust_classifier
 
@@ -32,10 +32,7 @@ BATCHES = 12  # --limit 96 / --batch-size 8
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     torch.manual_seed(0)
-    model = create_robust_classifier(
-        "preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28, mean=FASHION_MNIST_MEAN,
-        std=FASHION_MNIST_STD, width=4, num_blocks=(1, 1, 1, 1),
-    )
+    model = create_robust_classifier("preact_resnet_tiny", class_names=FASHION_MNIST_CLASSES, width=4)
     directory = tmp_path_factory.mktemp("eval-model") / "model"
     model.save_pretrained(directory)
     return directory

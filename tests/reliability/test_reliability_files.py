@@ -21,7 +21,8 @@ from hf_csr import CSRTrainer, CSRTrainingArguments
 from hf_csr.data import load_image_dataset
 from hf_csr.evaluation import evaluate_robustness
 from hf_csr.experiment import parse_args
-from hf_csr.hub import load_published, render_model_card
+from hf_csr.hub import render_model_card
+from hf_csr.models.published import load_published
 from hf_csr.models import create_robust_classifier
 from hf_csr.trainer import CSR_STATE_NAME
 

@@ -35,7 +35,7 @@ KILLED = -signal.SIGKILL
 
 def recipe_flags(output_dir: Path, source: str, awp: bool):
     return [
-        "--model", "preact_resnet18", "--backbone_kwargs", '{"width": 4, "num_blocks": [1, 1, 1, 1]}',
+        "--model", "preact_resnet_tiny", "--backbone_kwargs", '{"width": 4}',
         "--dataset", "fashion_mnist", "--train_limit", "64", "--eval_limit", "20", "--final_eval_attacks", "clean",
         "--max_steps", str(MAX_STEPS), "--save_steps", "1", "--per_device_train_batch_size", "16",
         "--per_device_eval_batch_size", "32", "--attack_steps", "2", "--learning_rate", "0.05", "--use_cpu",

@@ -232,7 +232,7 @@ ROUND2 = [
     ("3 settings", "unbounded crop padding", lambda t: args(t, crop_padding=10**6), r"crop_padding must be an integer in \[0, 256\]"),
     ("3 settings", "unbounded eval PGD steps", lambda t: args(t, eval_attacks="clean,pgd99999999"),
      r"eval_attacks: pgd99999999 has 99999999 steps, above 10000"),
-    ("3 settings", "Linf attack_eps inf", lambda t: args(t, attack_eps=float("inf")), r"attack_eps must be > 0"),
+    ("3 settings", "Linf attack_eps inf", lambda t: args(t, attack_eps=float("inf")), r"attack_eps must be a finite budget > 0"),
     ("3 settings", "library pgd Linf eps 2", lambda t: pgd_attack(toy_net(), *toy_data(n=4), eps=2.0, step_size=0.5, steps=1),
      r"eps = 2 exceeds 1 for Linf"),
     ("3 settings", "library pgd eps inf", lambda t: pgd_attack(toy_net(), *toy_data(n=4), eps=float("inf"), step_size=0.1, steps=1, norm="L2"),

@@ -11,7 +11,7 @@ Rules:
    (``from ._common import x`` is an import of a private *module* by its own package, which is allowed); a
    private module (``models/_common.py``) is imported only inside its own package.
 
-``KNOWN_VIOLATIONS`` lists the violations still being removed on other branches; the lead empties it at merge.
+``KNOWN_VIOLATIONS`` lists violations still being removed while a change is under way (empty when none).
 A listed violation that no longer exists fails the suite too, so the list cannot go stale.
 """
 
@@ -38,25 +38,9 @@ LAYERS = [
 #: Re-export shims: they import from every layer by design and hold no logic.
 EXEMPT = {"hf_csr", "hf_csr.baselines"}
 
-#: Violations that other branches of issue 14 are removing, each (importer, imported, rule). The lead empties
-#: this set at merge; test_known_violations_still_exist fails as soon as one of them is gone from the code.
-KNOWN_VIOLATIONS = {
-    # -- model loading reads checkpoints and data through private helpers of the Hub and data layers (the
-    #    loader and the dataset/model knowledge move to one place each: branches lazycli / knowledge)
-    ("hf_csr.models.loading", "hf_csr.hub.checkpoints", "layer"),
-    ("hf_csr.models.loading", "hf_csr.hub.checkpoints._state_dict", "private"),
-    ("hf_csr.models.loading", "hf_csr.data.sources._dataset", "private"),
-    ("hf_csr.models.loading", "hf_csr.data.sources._hf_images", "private"),
-    ("hf_csr.models.loading", "hf_csr.data.sources._hf_labels", "private"),
-    ("hf_csr.models.loading", "hf_csr.data.sources._pick_column", "private"),
-    # -- validation takes the attack names from evaluation.specs (they move down into validation: knowledge)
-    ("hf_csr.validation", "hf_csr.evaluation.specs", "layer"),
-    # -- the Hub layer reads dataset knowledge from the models' private module and a private check (knowledge)
-    ("hf_csr.hub.checkpoints", "hf_csr.models._common", "private"),
-    ("hf_csr.hub.checkpoints", "hf_csr.models.modeling_robust._check_backbone_name", "private"),
-    # -- named in issue 14: checkpoints._resolve_source used by the CLI (knowledge / lazycli)
-    ("hf_csr.hub.commands", "hf_csr.hub.checkpoints._resolve_source", "private"),
-}
+#: Violations being removed, each (importer, imported, rule), while a change is under way;
+#: test_known_violations_still_exist fails as soon as one of them is gone from the code.
+KNOWN_VIOLATIONS = set()  # none left
 
 
 def layer_of(module):

@@ -131,7 +131,7 @@ def test_bad_attack_arguments(trained_toy):
         pgd_attack(model, (x - 0.5) / 0.25, y, eps=0.03, step_size=0.01, steps=1)
     with pytest.raises(ValueError, match="norm must be one of"):
         pgd_attack(model, x, y, eps=0.03, step_size=0.01, steps=1, norm="L1")
-    with pytest.raises(ValueError, match="eps must be > 0"):
+    with pytest.raises(ValueError, match="eps must be a finite budget > 0"):
         pgd_attack(model, x, y, eps=0.0, step_size=0.01, steps=1)
     with pytest.raises(ValueError, match="bn_mode must be one of"):
         pgd_attack(model, x, y, eps=0.03, step_size=0.01, steps=1, bn_mode="frozen")

@@ -81,7 +81,7 @@ def test_write_model_card_uses_the_directory(card_results, tmp_path):
         (dict(base_model="../../etc"), "base_model must be a Hub repo id"),
         (dict(plots=["../outside.png"]), "plot paths must be relative"),
         (dict(plots=["https://evil.example/x.png"]), "plot paths must be relative"),
-        (dict(dataset="imagenet"), "dataset must be one of"),
+        (dict(dataset="imagenet"), "dataset must be a registered dataset"),
     ],
 )
 def test_bad_card_arguments(card_results, kwargs, message):

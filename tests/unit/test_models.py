@@ -12,7 +12,7 @@ from hf_csr.models.wide_resnet import checkpoint_filter_fn
 
 @pytest.mark.parametrize(
     "name, expected_millions",
-    [("preact_resnet18", 11.2), ("wrn28_10_ddpm", 36.5), ("wrn34_10_ddpm", 46.2), ("wrn70_16_ddpm", 267.0),
+    [("preact_resnet18", 11.2), ("preact_resnet_tiny", 0.0776), ("wrn28_10_ddpm", 36.5), ("wrn34_10_ddpm", 46.2), ("wrn70_16_ddpm", 267.0),
      ("wrn28_10_trades", 36.5), ("wrn34_10_trades", 46.2), ("wrn70_16_trades", 267.0)],
 )
 def test_parameter_counts(name, expected_millions):
@@ -118,7 +118,7 @@ def test_bad_inputs_to_the_classifier():
         model(x.masked_fill(x > 0.9, float("nan")))
     with pytest.raises(ValueError, match="floating-point"):
         model((x * 255).to(torch.uint8))
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_labels\)"):
+    with pytest.raises(ValueError, match=r"labels lie in \[.*\] but the model has num_classes"):
         model(x, labels=torch.tensor([0, 3]))
     with pytest.raises(ValueError, match="unknown backbone 'wrn28_10_dpm'.*Did you mean"):
         RobustClassifierConfig(backbone="wrn28_10_dpm")

@@ -4,6 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
+# --- shared copy: citation (identical in each metric script that has it; evaluate copies a script alone)
 _CITATION = """\
 @inproceedings{jin2025enhancing,
   title     = {Enhancing Robust Fairness via Confusional Spectral Regularization},
@@ -12,6 +13,7 @@ _CITATION = """\
   year      = {2025}
 }
 """
+# --- end of shared copy: citation
 
 _DESCRIPTION = """\
 How well the class-wise accuracies on one set predict those on another: Kendall's rank correlation

@@ -4,6 +4,7 @@ import datasets
 import evaluate
 import numpy as np
 
+# --- shared copy: citation (identical in each metric script that has it; evaluate copies a script alone)
 _CITATION = """\
 @inproceedings{jin2025enhancing,
   title     = {Enhancing Robust Fairness via Confusional Spectral Regularization},
@@ -12,6 +13,7 @@ _CITATION = """\
   year      = {2025}
 }
 """
+# --- end of shared copy: citation
 
 _DESCRIPTION = """\
 The normalised confusion matrix C of eq. (1) of "Enhancing Robust Fairness via Confusional Spectral
@@ -53,9 +55,9 @@ Examples:
 MAX_CLASSES = 10_000
 
 
+# --- shared copy: check_labels (identical in each metric script that has it; evaluate copies a script alone)
 def check_labels(predictions, references, num_classes=None):
     """Two equal-length int64 arrays of class indices in [0, K), and K (default: largest index + 1)."""
-    # The same check as in classwise_accuracy.py: evaluate copies each script alone into its cache.
     arrays = [np.asarray(values) for values in (predictions, references)]
     if any(a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer) or (a < 0).any() for a in arrays):
         raise ValueError("predictions and references must be non-empty 1-D sequences of class indices (int >= 0).")
@@ -63,7 +65,7 @@ def check_labels(predictions, references, num_classes=None):
         raise ValueError(f"predictions and references differ in length: {arrays[0].size} vs {arrays[1].size}.")
     largest = int(max(a.max() for a in arrays))
     k = largest + 1 if num_classes is None else int(num_classes)
-    if k > MAX_CLASSES:  # checked before a K x K confusion matrix is allocated
+    if k > MAX_CLASSES:  # checked before anything of size K is allocated
         raise ValueError(
             f"{'num_classes' if num_classes is not None else 'the largest class index + 1'} is {k}, above "
             f"{MAX_CLASSES} classes; a label that large is a corrupted input (pass num_classes to be explicit)."
@@ -71,6 +73,7 @@ def check_labels(predictions, references, num_classes=None):
     if largest >= k:
         raise ValueError(f"class indices must lie in [0, num_classes) = [0, {k}); found {largest}.")
     return arrays[0].astype(np.int64), arrays[1].astype(np.int64), k
+# --- end of shared copy: check_labels
 
 
 def robust_confusion(predictions, references, num_classes=None):

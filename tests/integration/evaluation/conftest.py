@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_csr import create_robust_classifier
-from hf_csr.data import FASHION_MNIST_CLASSES, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
+from hf_csr.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from tests.support import model_wrappers
 
 #: Small enough that PGD breaks some, but not all, of the tiny model's correct predictions.
@@ -22,10 +22,7 @@ def one_intra_op_thread():
 
 
 def tiny_fmnist_classifier():
-    return create_robust_classifier(
-        "preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
-        mean=FASHION_MNIST_MEAN, std=FASHION_MNIST_STD, width=4, num_blocks=(1, 1, 1, 1),
-    )
+    return create_robust_classifier("preact_resnet_tiny", class_names=FASHION_MNIST_CLASSES, width=4)
 
 
 @pytest.fixture(scope="session")

@@ -168,8 +168,7 @@ def test_autoattack_on_too_few_classes_is_refused_before_the_clean_pass(tmp_path
     from hf_csr.evaluation import robustness
 
     model_dir = tmp_path / "three"
-    create_robust_classifier("preact_resnet18", class_names=["a", "b", "c"], num_channels=1, image_size=28,
-                             width=4, num_blocks=(1, 1, 1, 1)).save_pretrained(model_dir)
+    create_robust_classifier("preact_resnet_tiny", class_names=["a", "b", "c"], width=4).save_pretrained(model_dir)
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("the evaluation started")

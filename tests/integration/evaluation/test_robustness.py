@@ -230,7 +230,7 @@ def test_damaged_progress_files_are_recomputed(eps, fmnist_model, fmnist_test, t
         (dict(attacks="autoattack:apgd-ce+apgd-xl"), r"unknown AutoAttack component\(s\) \['apgd-xl'\]"),
         (dict(attacks=("worst_of_all",)), "not an attack"),
         (dict(norm="L1"), r"norm must be one of \['Linf', 'L2'\]"),
-        (dict(eps=0), "eps must be > 0"),
+        (dict(eps=0), "eps must be a finite budget > 0"),
         (dict(eps="8/0"), "eps must be a number or a fraction"),
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(autocast_dtype="fp8"), "autocast_dtype must be None, 'bf16' or 'fp16'"),

@@ -146,7 +146,7 @@ def test_a_timm_model_on_a_datasets_source(tmp_path):
     dataset.save_to_disk(tmp_path / "d")
     data = load_image_dataset(tmp_path / "d", "test")
     torch.manual_seed(0)
-    model = timm.create_model("preact_resnet18", num_classes=3, in_chans=3, width=4, num_blocks=(1, 1, 1, 1)).eval()
+    model = timm.create_model("preact_resnet_tiny", num_classes=3, in_chans=3, width=4).eval()
     report = evaluate_robustness(model, data, attacks="pgd3", eps=8 / 255, progress=False)
     assert report.class_names == NAMES and report.num_examples == 9
     assert report["pgd3"].accuracy <= report["clean"].accuracy

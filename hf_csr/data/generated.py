@@ -30,9 +30,10 @@ import torch
 from numpy.lib import format as npy_format
 from tqdm.auto import tqdm
 
-from ..data.core import TensorImageDataset
-from ..utils import atomic_write_json
-from .checkpoints import DATASETS, hub_file
+from ..utils import atomic_write_json, hub_file
+from ..validation import check_positive_int
+from .core import TensorImageDataset
+from .registry import dataset_info
 
 __all__ = [
     "DDPM_DATA_REPO",
@@ -191,13 +192,13 @@ def convert_generated_data(
     if not paths:
         raise ValueError("sources must name at least one .npz file.")
     if class_names is None:
-        if dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {sorted(DATASETS)} (or pass class_names); got {dataset!r}.")
-        class_names = DATASETS[dataset].class_names
+        info = dataset_info(dataset, "dataset (or pass class_names)")
+        if info is None or not info.class_names:
+            raise ValueError(f"pass class_names=[...]: the dataset {dataset!r} does not name its classes.")
+        class_names = info.class_names
     class_names = [str(name) for name in class_names]
-    for name, value in (("shard_size", shard_size), ("chunk_size", chunk_size)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer; got {value!r}.")
+    check_positive_int(shard_size, "shard_size")
+    check_positive_int(chunk_size, "chunk_size")
     output = Path(output_dir)
     if (output / _METADATA).exists() and not overwrite:
         raise FileExistsError(f"{str(output)!r} already holds converted data; pass overwrite=True to replace it.")

@@ -26,19 +26,16 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import timm
 import torch
-from huggingface_hub import hf_hub_download
-from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError, RemoteEntryNotFoundError
-from huggingface_hub.utils import validate_repo_id
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from ..models._common import CIFAR100_MEAN, CIFAR100_STD, CIFAR10_MEAN, CIFAR10_STD, IDENTITY_MEAN, IDENTITY_STD
-from ..models.modeling_robust import RobustClassifierConfig, RobustImageClassifier
-from ..models.wide_resnet import map_trades_keys, strip_wrapper_prefix, unwrap_checkpoint
+from ..data.registry import IDENTITY_MEAN, IDENTITY_STD, dataset_info
+from ..utils import hub_file
+from ..validation import is_repo_id
+from .modeling_robust import RobustClassifierConfig, RobustImageClassifier, check_backbone_name
+from .wide_resnet import map_trades_keys, strip_wrapper_prefix, unwrap_checkpoint
 
 __all__ = [
-    "DATASETS",
-    "DatasetInfo",
     "LAYOUTS",
     "PUBLISHED_CHECKPOINTS",
     "ConvertedCheckpoint",
@@ -46,40 +43,14 @@ __all__ = [
     "convert_checkpoint",
     "load_published",
     "read_checkpoint",
+    "resolve_source",
+    "state_dict_of",
 ]
 
 logger = logging.getLogger(__name__)
 
 LINF = {"norm": "Linf", "eps": 8 / 255}
 L2 = {"norm": "L2", "eps": 128 / 255}
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-CIFAR100_CLASSES = tuple(
-    """apple aquarium_fish baby bear beaver bed bee beetle bicycle bottle bowl boy bridge bus butterfly camel can
-    castle caterpillar cattle chair chimpanzee clock cloud cockroach couch crab crocodile cup dinosaur dolphin
-    elephant flatfish forest fox girl hamster house kangaroo keyboard lamp lawn_mower leopard lion lizard lobster
-    man maple_tree motorcycle mountain mouse mushroom oak_tree orange orchid otter palm_tree pear pickup_truck
-    pine_tree plain plate poppy porcupine possum rabbit raccoon ray road rocket rose sea seal shark shrew skunk
-    skyscraper snail snake spider squirrel streetcar sunflower sweet_pepper table tank telephone television tiger
-    tractor train trout tulip turtle wardrobe whale willow_tree wolf woman worm""".split()
-)
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    """What a checkpoint's dataset fixes: display name, Hub dataset id, normalisation, class names."""
-
-    name: str
-    hub_id: str
-    mean: Tuple[float, ...]
-    std: Tuple[float, ...]
-    class_names: Tuple[str, ...]
-
-
-DATASETS: Dict[str, DatasetInfo] = {
-    "cifar10": DatasetInfo("CIFAR-10", "uoft-cs/cifar10", CIFAR10_MEAN, CIFAR10_STD, CIFAR10_CLASSES),
-    "cifar100": DatasetInfo("CIFAR-100", "uoft-cs/cifar100", CIFAR100_MEAN, CIFAR100_STD, CIFAR100_CLASSES),
-}
 
 
 @dataclass(frozen=True)
@@ -118,24 +89,6 @@ PUBLISHED_CHECKPOINTS: Dict[str, PublishedCheckpoint] = {
 
 
 # --------------------------------------------------------------------------- reading files
-def hub_file(repo_id: str, filename: str, *, repo_type: str = "model", revision: Optional[str] = None, **kwargs) -> Path:
-    """``hf_hub_download`` (HF cache, ``HF_ENDPOINT``, offline mode), with a clear error when the file is
-    neither cached nor reachable."""
-    logger.info("Fetching %s from the Hub %s repo %s (revision %s).", filename, repo_type, repo_id, revision or "main")
-    try:
-        return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, revision=revision, **kwargs))
-    except RemoteEntryNotFoundError as error:
-        raise FileNotFoundError(
-            f"{filename!r} does not exist in the Hub {repo_type} repo {repo_id!r} at revision {revision or 'main'!r}."
-        ) from error
-    except LocalEntryNotFoundError as error:
-        raise FileNotFoundError(
-            f"{filename!r} of the Hub {repo_type} repo {repo_id!r} is not in the HF cache and the Hub cannot be reached "
-            f"(offline mode HF_HUB_OFFLINE=1, local_files_only, or no connection): {error} Download it where the Hub "
-            "is reachable (the same cache works offline afterwards) or pass a local file."
-        ) from error
-
-
 def read_checkpoint(path: Union[str, os.PathLike]) -> Mapping[str, Any]:
     """The object stored in a checkpoint file: safetensors, or a torch pickle read with ``weights_only=True``."""
     path = Path(path)
@@ -209,7 +162,7 @@ def _check_expanded_size(path: Path) -> None:
             )
 
 
-def _state_dict(checkpoint: Mapping[str, Any], source: str) -> Dict[str, torch.Tensor]:
+def state_dict_of(checkpoint: Mapping[str, Any], source: str) -> Dict[str, torch.Tensor]:
     state = strip_wrapper_prefix(unwrap_checkpoint(checkpoint))
     state.pop("n_averaged", None)  # torch.optim.swa_utils.AveragedModel's counter (EMA checkpoints)
     not_tensors = sorted(key for key, value in state.items() if not isinstance(value, torch.Tensor))
@@ -360,7 +313,7 @@ def convert_checkpoint(
         ValueError: the keys match no known layout (the message names the closest layout and its missing /
             unexpected / mis-shaped keys), or the classifier head has another class count than ``num_classes``.
     """
-    state = _state_dict(checkpoint, source)
+    state = state_dict_of(checkpoint, source)
     if backbone is not None and not timm.is_model(backbone):
         raise ValueError(f"backbone {backbone!r} is not a timm model name (after `import hf_csr`).")
     if backbone is None:
@@ -397,7 +350,7 @@ def convert_checkpoint(
 _CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
-def _resolve_source(
+def resolve_source(
     source: Union[str, os.PathLike], filename: Optional[str]
 ) -> Tuple[Optional[PublishedCheckpoint], Optional[Path], Optional[str], Optional[str]]:
     """-> (published entry, local path, repo id, filename)."""
@@ -415,15 +368,11 @@ def _resolve_source(
         )
     if path.is_file():
         return None, path, None, None
-    try:
-        if "/" not in text or path.suffix in _CHECKPOINT_SUFFIXES:
-            raise HFValidationError(text)
-        validate_repo_id(text)
-    except HFValidationError:
+    if "/" not in text or path.suffix in _CHECKPOINT_SUFFIXES or not is_repo_id(text):
         raise FileNotFoundError(
             f"{text!r} is neither an existing file, a Hub repo id ('namespace/name') nor a known published "
             f"checkpoint ({', '.join(PUBLISHED_CHECKPOINTS)})."
-        ) from None
+        )
     known = [e for e in PUBLISHED_CHECKPOINTS.values() if e.repo_id == text]
     if filename is None:
         hint = f"; the known files of this repo are {[e.filename for e in known]}" if known else ""
@@ -456,18 +405,17 @@ def load_published(
         filename: the file inside the Hub repo.
         backbone: the timm backbone; default: the published entry's, else inferred from the keys.
         num_classes / class_names: the classes; default: the checkpoint's head, named after ``dataset``.
-        dataset: ``"cifar10"`` or ``"cifar100"`` (mean/std, class names); default: the published entry's,
+        dataset: a registered dataset (``hf_csr.data.DATASETS``: ``"cifar10"``, ``"cifar100"``, ...) for the
+            mean/std, class names and image geometry; default: the published entry's,
             else guessed from a 10- or 100-class head.
         threat_model: ``{"norm": "Linf" | "L2", "eps": float}``; default: the published entry's, else Linf 8/255.
         mean / std: override the normalisation (TRADES-layout models use none: mean 0, std 1).
         revision / cache_dir / token / local_files_only: passed to ``hf_hub_download``.
     """
-    entry, path, repo_id, filename = _resolve_source(source, filename)
+    entry, path, repo_id, filename = resolve_source(source, filename)
     if backbone is not None and not timm.is_model(backbone):
-        from ..models.modeling_robust import _check_backbone_name
-
         try:
-            _check_backbone_name(backbone)
+            check_backbone_name(backbone)
         except ValueError as error:
             raise ValueError(
                 f"{error} To evaluate your own architecture, no conversion is needed: `hf-csr evaluate --model "
@@ -483,10 +431,8 @@ def load_published(
             raise ValueError(f"num_classes = {num_classes} but {len(class_names)} class_names were given.")
         num_classes = len(class_names)
     dataset = dataset or (entry.dataset if entry is not None else None)
-    if dataset is not None and dataset not in DATASETS:
-        raise ValueError(f"dataset must be one of {sorted(DATASETS)} or None; got {dataset!r}.")
-    if num_classes is None and dataset is not None:
-        num_classes = len(DATASETS[dataset].class_names)
+    if num_classes is None and dataset_info(dataset) is not None:
+        num_classes = dataset_info(dataset).num_classes
     converted = convert_checkpoint(
         read_checkpoint(path),
         backbone=backbone or (entry.backbone if entry is not None else None),
@@ -497,9 +443,9 @@ def load_published(
         dataset = {10: "cifar10", 100: "cifar100"}.get(converted.num_classes)
         if dataset is not None:
             logger.info("Assuming %s classes and statistics (pass dataset= or class_names= otherwise).", dataset)
-    info = DATASETS.get(dataset) if dataset is not None else None
+    info = dataset_info(dataset)
     if class_names is None:
-        class_names = list(info.class_names) if info else [str(i) for i in range(converted.num_classes)]
+        class_names = list(info.class_names) if info and info.class_names else [str(i) for i in range(converted.num_classes)]
     if mean is None and std is None:
         if converted.layout == "trades":
             mean, std = IDENTITY_MEAN, IDENTITY_STD  # TRADES networks see raw [0, 1] pixels
@@ -508,8 +454,8 @@ def load_published(
     config = RobustClassifierConfig(
         backbone=converted.backbone,
         backbone_kwargs=converted.backbone_kwargs,
-        num_channels=3,
-        image_size=32,
+        num_channels=info.num_channels if info is not None else 3,
+        image_size=info.image_size if info is not None else 32,
         image_mean=list(mean) if mean is not None else None,
         image_std=list(std) if std is not None else None,
         threat_model=threat_model or (entry.threat_model if entry is not None else None),
