@@ -151,7 +151,7 @@ def run_arguments(dataset: str, method: str, seed: int, settings: ReproductionSe
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}; got {dataset!r}.")
     experiment = ExperimentArguments(
-        model="preact_resnet18", backbone_kwargs={"width": settings.width, "num_blocks": list(settings.num_blocks)},
+        model="preact_resnet_tiny", backbone_kwargs={"width": settings.width, "num_blocks": list(settings.num_blocks)},
         dataset="fashion_mnist", train_limit=settings.train_examples, eval_limit=settings.eval_examples, subset_seed=0,
         final_eval_attacks=settings.eval_attacks, eval_batch_size=settings.eval_batch_size,
         long_tail_ratio=settings.long_tail_ratio if dataset == "fashion_mnist_lt" else None,
@@ -355,7 +355,7 @@ def calibrate_ms_per_unit(settings: ReproductionSettings, *, batch_size: int = 1
     from hf_csr.data import FASHION_MNIST_CLASSES
     from hf_csr.models import create_robust_classifier
 
-    model = create_robust_classifier("preact_resnet18", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
+    model = create_robust_classifier("preact_resnet_tiny", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
                                      width=settings.width, num_blocks=tuple(settings.num_blocks))
     x = torch.rand(batch_size, 1, 28, 28, requires_grad=True)
     y = torch.arange(batch_size) % 10
