@@ -776,11 +776,14 @@ class CSRTrainer(Trainer):
                     previous = handle.read()
             atomic_write_text(path, previous + line + "\n")
 
-    def robustness_report(self, dataset: Dataset, attacks, *, limit: Optional[int] = None, batch_size: Optional[int] = None):
+    def robustness_report(self, dataset: Dataset, attacks, *, limit: Optional[int] = None, batch_size: Optional[int] = None,
+                          resume_dir: Optional[str] = None):
         """The class-wise robustness report of the current model on ``dataset`` (main process; None elsewhere).
 
         Under DDP every process attacks its share of the examples (``evaluate_robustness(distributed=True)``:
-        per-example keyed randomness, so the numbers are those of one process); the outcomes are gathered."""
+        per-example keyed randomness, so the numbers are those of one process); the outcomes are gathered.
+        ``resume_dir``: per-attack, per-batch progress kept there, so that an interrupted evaluation of the same
+        weights continues where it stopped (``evaluate_robustness(resume_dir=...)``)."""
         from .evaluation import evaluate_robustness  # local import: evaluation pulls in AutoAttack
 
         args = self.args
@@ -799,7 +802,7 @@ class CSRTrainer(Trainer):
             model, images, labels, attacks=attacks, norm=args.attack_norm,
             eps=float(args.attack_eps), batch_size=batch_size or args.per_device_eval_batch_size, seed=args.seed,
             class_names=self.class_names, device=args.device, progress=not args.disable_tqdm,
-            distributed=self.accelerator.num_processes > 1,
+            distributed=self.accelerator.num_processes > 1, resume_dir=resume_dir,
         )
         model.train(was_training)
         self.last_evaluation = report
@@ -828,7 +831,12 @@ class CSRTrainer(Trainer):
         dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         output_dir = output_dir or self.args.output_dir
         limit = self.args.eval_max_examples if max_examples is None else max_examples
-        report = self.robustness_report(dataset, attacks, batch_size=batch_size, limit=limit)
+        # An interrupted final evaluation (a long AutoAttack run killed at a session's end) resumes from its
+        # finished batches when the same weights are evaluated again; the folder goes once the results are saved.
+        from .evaluation.robustness import PROGRESS_DIR
+
+        progress = os.path.join(output_dir, PROGRESS_DIR)
+        report = self.robustness_report(dataset, attacks, batch_size=batch_size, limit=limit, resume_dir=progress)
         results: Dict[str, Any] = {}
         if report is not None:
             os.makedirs(output_dir, exist_ok=True)
@@ -839,6 +847,8 @@ class CSRTrainer(Trainer):
             self.create_model_card(output_dir=output_dir, training=training, dataset_name=dataset_name)
             logger.info("evaluation of %s:\n%s", output_dir, report.markdown_table(per_class=False))
         self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            shutil.rmtree(progress, ignore_errors=True)
         return self._broadcast(results)
 
     def _broadcast(self, value):

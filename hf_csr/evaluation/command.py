@@ -15,8 +15,6 @@ __all__ = ["add_evaluate_parser", "add_model_arguments", "run_evaluate"]
 
 logger = logging.getLogger(__name__)
 
-#: Where ``hf-csr evaluate`` keeps its per-batch progress by default (inside ``--output_dir``).
-PROGRESS_DIR = ".progress"
 
 INPUT_CONVENTION = """\
 input convention: images are fed to the model as float pixel values in [0, 1] (uint8 / 255), without
@@ -245,6 +243,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
     if getattr(args, "no_resume", False):
         progress = None
     else:
+        from .robustness import PROGRESS_DIR
+
         progress = Path(args.resume_dir) if args.resume_dir else output_dir / PROGRESS_DIR
     reports = {}
     for part, dataset in loaded.items():

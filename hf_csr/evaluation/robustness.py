@@ -53,6 +53,10 @@ from .specs import WORST_OF_ALL, AttackConfig, AutoAttackConfig, PGDConfig, pars
 
 __all__ = ["DEFAULT_ATTACKS", "evaluate_robustness", "model_identity"]
 
+#: Where an evaluation keeps its per-attack, per-batch progress inside its output folder by default
+#: (``hf-csr evaluate`` and the trainer's final evaluation), removed once the results are saved.
+PROGRESS_DIR = ".progress"
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_ATTACKS = ("clean", "pgd20", "cw20", "autoattack")

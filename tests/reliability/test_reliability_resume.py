@@ -197,3 +197,41 @@ def test_sigterm_mid_training_then_resume_gives_the_uninterrupted_weights(tmp_pa
     assert reference.keys() == resumed.keys()
     for key in reference:
         assert torch.equal(reference[key], resumed[key]), key
+
+
+# --------------------------------------------------------------------------- the final evaluation resumes
+def test_an_interrupted_final_evaluation_resumes_from_its_finished_batches(tmp_path, fmnist, fmnist_model, make_args):
+    """A long final evaluation killed midway (a session's end) continues where it stopped when the same
+    weights are evaluated again: finished batches are reloaded, the results equal an uninterrupted run's,
+    and the progress folder goes once the results are saved."""
+    from hf_csr import CSRTrainer
+
+    torch.manual_seed(0)
+    trainer = CSRTrainer(model=fmnist_model(), args=make_args(tmp_path, max_steps=1),
+                         train_dataset=fmnist(limit=32), eval_dataset=fmnist("test", limit=40))
+    model = trainer.model
+    calls = {"n": 0, "fail_after": None}
+    forward = model.forward
+
+    def counting_forward(*args, **kwargs):
+        calls["n"] += 1
+        if calls["fail_after"] is not None and calls["n"] > calls["fail_after"]:
+            raise RuntimeError("simulated interruption")
+        return forward(*args, **kwargs)
+
+    model.forward = counting_forward
+    kwargs = dict(attacks="clean,pgd5", batch_size=8)
+    reference = trainer.evaluate_and_report(output_dir=str(tmp_path / "reference"), **kwargs)
+    full = calls["n"]
+    assert not (tmp_path / "reference" / ".progress").exists()
+
+    calls.update(n=0, fail_after=full // 2)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        trainer.evaluate_and_report(output_dir=str(tmp_path / "run"), **kwargs)
+    assert any((tmp_path / "run" / ".progress").rglob("*.pt"))  # finished batches were kept
+
+    calls.update(n=0, fail_after=None)
+    resumed = trainer.evaluate_and_report(output_dir=str(tmp_path / "run"), **kwargs)
+    assert calls["n"] < full - full // 4  # the finished batches were not recomputed
+    assert resumed["attacks"] == reference["attacks"]
+    assert not (tmp_path / "run" / ".progress").exists()
