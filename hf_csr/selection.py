@@ -13,14 +13,13 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from transformers import TrainerCallback
 
-from .utils import atomic_write_json
+from .utils import atomic_write_bytes, atomic_write_json
 
 __all__ = ["split_training_set", "BestCheckpointCallback", "load_best_weights", "BEST_DIR", "SPLIT_SEED"]
 
@@ -71,12 +70,9 @@ def _state_dict_for_saving(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
 
 
 def _save_weights_atomic(model: torch.nn.Module, path: Path) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    save_file(_state_dict_for_saving(model), str(tmp))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, save(_state_dict_for_saving(model)))  # fsync'd, the user's umask, no torn file
 
 
 def load_best_weights(model: torch.nn.Module, output_dir) -> Dict[str, Any]:
