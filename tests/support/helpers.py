@@ -140,6 +140,7 @@ def free_port():
 
 def run_ddp_workers(tmp_path, processes, batch, extra, worker="ddp_worker.py", timeout=300):
     """``torchrun`` ``tests/support/<worker>`` on ``processes`` CPU processes; returns the saved weights."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     out = tmp_path / f"weights-{processes}.pt"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
