@@ -13,7 +13,7 @@ import sys
 import tempfile
 from fractions import Fraction
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Union
 
 import torch
 
