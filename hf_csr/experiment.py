@@ -30,7 +30,8 @@ from .data import DATASETS, MixedImageDataset
 from .models import RobustImageClassifier, create_robust_classifier
 from .selection import BEST_DIR, BestCheckpointCallback, load_best_weights, split_training_set
 from .trainer import CSRTrainer
-from .utils import atomic_write_json, launched_processes, process_log_level, setup_console_logging
+from .utils import atomic_write_bytes, atomic_write_json, launched_processes, process_log_level, setup_console_logging
+from .validation import check_choice
 
 __all__ = ["ExperimentArguments", "parse_args", "build_model", "load_datasets", "run", "main", "run_recipe",
            "training_summary", "check_launch", "FinalEvaluationFollows"]
@@ -117,6 +118,12 @@ class ExperimentArguments:
                           "'autoattack@1000' (standard AutoAttack on 1,000 images, seed 0, as a gradient-masking check), "
                           "written to <output_dir>/extra_eval (results.json and plots)."},
     )
+    extra_eval_on: str = field(
+        default="both",
+        metadata={"help": "Which weights the extra_eval evaluates when there is a validation split: 'both' (final and "
+                          "best), 'final' or 'best' (the checkpoint the paper's protocol reports).",
+                  "choices": ["both", "final", "best"]},
+    )
 
     def __post_init__(self):
         if self.backbone_kwargs is not None and not isinstance(self.backbone_kwargs, dict):
@@ -133,6 +140,7 @@ class ExperimentArguments:
             raise ValueError(f"long_tail_ratio must be >= 1 (head count / tail count) or None; got {self.long_tail_ratio}.")
         if self.extra_eval is not None:
             _parse_extra_eval(self.extra_eval)
+        check_choice("extra_eval_on", self.extra_eval_on, ("both", "final", "best"))
         for name in ("train_limit", "eval_limit", "eval_batch_size", "generated_epoch_batches", "validation_size"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -609,7 +617,11 @@ EXTRA_EVAL_DIR = "extra_eval"
 def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArguments, trainer: CSRTrainer, eval_dataset,
                   results: Dict[str, Any], selection) -> Dict[str, Any]:
     """The extra subset evaluation (``extra_eval``) and, with a validation split, the same evaluations of the
-    best epoch's weights in ``<output_dir>/best`` (the final weights are put back afterwards)."""
+    best epoch's weights in ``<output_dir>/best`` (the final weights are put back afterwards).
+
+    When the best epoch is the last one (the best weights equal the final ones, tensor for tensor), the best
+    checkpoint's evaluation is the final one: its files are copied into ``best/`` rather than computed again, and
+    the selection record says ``same_as_final``."""
     def extra(output_dir: str) -> Dict[str, Any]:
         attacks, examples = _parse_extra_eval(experiment.extra_eval)
         subset = eval_dataset
@@ -621,21 +633,55 @@ def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArgument
                                            output_dir=os.path.join(output_dir, EXTRA_EVAL_DIR),
                                            dataset_name=experiment.dataset)
 
-    if experiment.extra_eval:
-        results = {**results, "extra_eval": extra(training.output_dir)}
+    extra_on_final = experiment.extra_eval and (selection is None or experiment.extra_eval_on != "best")
+    extra_on_best = experiment.extra_eval and selection is not None and experiment.extra_eval_on != "final"
     if selection is None:
-        return results
+        return {**results, "extra_eval": extra(training.output_dir)} if extra_on_final else results
     model = trainer.accelerator.unwrap_model(trainer.model)
     final_weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
     best_dir = os.path.join(training.output_dir, BEST_DIR)
     record = load_best_weights(model, training.output_dir)
+    same = all(torch.equal(value, final_weights[key]) for key, value in model.state_dict().items())
+    record = {**record, "same_as_final": same}
+    if same:
+        # One evaluation serves both: the final one (with the extra one if either checkpoint asks for it).
+        model.load_state_dict(final_weights)
+        if experiment.extra_eval and (extra_on_final or extra_on_best):
+            results = {**results, "extra_eval": extra(training.output_dir)}
+        if trainer.accelerator.is_main_process:
+            _copy_evaluation(training.output_dir, best_dir)
+            if experiment.extra_eval:
+                _copy_evaluation(os.path.join(training.output_dir, EXTRA_EVAL_DIR), os.path.join(best_dir, EXTRA_EVAL_DIR))
+            atomic_write_json(Path(best_dir) / "selection.json", record)
+        trainer.accelerator.wait_for_everyone()
+        best = {k: v for k, v in results.items() if k != "extra_eval" or extra_on_best}
+        if not extra_on_final:
+            results = {k: v for k, v in results.items() if k != "extra_eval"}
+        return {**results, "best": {**best, "selection": record}}
+    if extra_on_final:
+        model.load_state_dict(final_weights)
+        results = {**results, "extra_eval": extra(training.output_dir)}
+        load_best_weights(model, training.output_dir)
     best = trainer.evaluate_and_report(eval_dataset, attacks=experiment.final_eval_attacks,
                                        batch_size=experiment.eval_batch_size, output_dir=best_dir,
                                        dataset_name=experiment.dataset)
-    if experiment.extra_eval:
+    if extra_on_best:
         best = {**best, "extra_eval": extra(best_dir)}
+    if trainer.accelerator.is_main_process:
+        atomic_write_json(Path(best_dir) / "selection.json", record)
     model.load_state_dict(final_weights)
     return {**results, "best": {**best, "selection": record}}
+
+
+EVALUATION_FILES = ("results.json", "results.md", "classwise_accuracy.png", "confusion_matrix.png", "card.json", "README.md")
+
+
+def _copy_evaluation(source: str, target: str) -> None:
+    """Copy the files an evaluation wrote (results, table, plots, card) from ``source`` to ``target``."""
+    os.makedirs(target, exist_ok=True)
+    for name in EVALUATION_FILES:
+        if os.path.isfile(os.path.join(source, name)):
+            atomic_write_bytes(Path(target) / name, Path(source, name).read_bytes())
 
 
 def main(defaults: Optional[Mapping[str, Any]] = None, argv: Optional[Sequence[str]] = None, *,

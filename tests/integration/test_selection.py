@@ -92,3 +92,49 @@ def test_extra_eval_on_a_fixed_subset_and_long_tail(tmp_path):
     assert extra["num_examples"] == 10 and (out / "extra_eval" / "classwise_accuracy.png").is_file()
     with pytest.raises(ValueError, match="attacks@examples"):
         parse_args(TINY + ["--extra_eval", "autoattack"])
+
+
+def _count_evaluations(monkeypatch):
+    """Record the output folder of every final evaluation the runner makes."""
+    calls = []
+    real = experiment_module.CSRTrainer.evaluate_and_report
+
+    def counting(self, dataset, *args, output_dir=None, **kwargs):
+        calls.append((output_dir or self.args.output_dir, len(dataset)))
+        return real(self, dataset, *args, output_dir=output_dir, **kwargs)
+
+    monkeypatch.setattr(experiment_module.CSRTrainer, "evaluate_and_report", counting)
+    return calls
+
+
+def test_a_best_epoch_equal_to_the_last_is_evaluated_once(tmp_path, monkeypatch):
+    # one epoch: the best weights are the final ones, so their evaluation is shared, not recomputed
+    calls = _count_evaluations(monkeypatch)
+    out = tmp_path / "run"
+    experiment, training = parse_args(TINY + ["--num_train_epochs", "1", "--validation_size", "20",
+                                              "--validation_attack", "pgd2", "--extra_eval", "pgd2@10",
+                                              "--extra_eval_on", "best", "--output_dir", str(out)])
+    results = run(experiment, training)
+    assert [n for _, n in calls] == [30, 10]  # the test set once, the extra subset once
+    record = json.loads((out / "best" / "selection.json").read_text())
+    assert record["same_as_final"] is True and results["best"]["selection"]["same_as_final"] is True
+    assert json.loads((out / "best" / "results.json").read_text()) == json.loads((out / "results.json").read_text())
+    assert (out / "best" / "extra_eval" / "results.json").is_file() and (out / "best" / "classwise_accuracy.png").is_file()
+    assert "extra_eval" in results["best"] and "extra_eval" not in results  # extra_eval_on best
+
+
+def test_extra_eval_on_picks_the_checkpoint(tmp_path, monkeypatch):
+    # two epochs with a validation split: unless the last epoch wins, best and final differ; extra_eval_on
+    # 'final' evaluates the subset for the final weights only
+    calls = _count_evaluations(monkeypatch)
+    out = tmp_path / "run"
+    experiment, training = parse_args(TINY + ["--num_train_epochs", "2", "--validation_size", "20",
+                                              "--validation_attack", "pgd2", "--extra_eval", "pgd2@10",
+                                              "--extra_eval_on", "final", "--output_dir", str(out)])
+    results = run(experiment, training)
+    same = results["best"]["selection"]["same_as_final"]
+    folders = [str(f) for f, n in calls if n == 10]
+    assert folders == [str(out / "extra_eval")] and "extra_eval" in results and "extra_eval" not in results["best"]
+    assert len(calls) == (2 if same else 3)
+    with pytest.raises(ValueError, match="extra_eval_on must be one of"):
+        experiment_module.ExperimentArguments(extra_eval_on="last")
