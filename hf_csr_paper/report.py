@@ -285,14 +285,17 @@ def _copy_figures(summary: Dict[str, Any], report_path: Path, figures_dir: Path)
                 continue
             row = min(methods[method]["rows"], key=lambda r: r["seed"])
             source = Path(row["run_dir"]) / "best"
-            found = [name for name in PLOTS if (source / name).is_file()]
+            target = figures_dir / dataset / Path(row["run_dir"]).parent.name / f"seed{row['seed']}"
+            # a plot copied by an earlier session stays embedded when its run folder no longer has it
+            # (the tracked run folders keep no plots)
+            found = [name for name in PLOTS if (source / name).is_file() or (target / name).is_file()]
             if not found:
                 continue
-            target = figures_dir / dataset / Path(row["run_dir"]).parent.name / f"seed{row['seed']}"
             target.mkdir(parents=True, exist_ok=True)
             images = []
             for name in found:
-                shutil.copyfile(source / name, target / name)
+                if (source / name).is_file():
+                    shutil.copyfile(source / name, target / name)
                 rel = os.path.relpath(target / name, report_path.parent).replace(os.sep, "/")
                 images.append(f"![{dataset} {method} seed {row['seed']} {name[:-4]}]({rel})")
             lines += [f"{dataset}, {method}, seed {row['seed']}, best checkpoint ({row.get('attack')}):", "", " ".join(images), ""]

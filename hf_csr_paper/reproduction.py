@@ -85,12 +85,16 @@ class ReproductionSettings:
     eval_examples: Optional[int] = None  # class-balanced subset of the 10k test images (None: all), seed 0
     batch_size: int = 128
     learning_rate: float = 0.1
-    width: int = 8  # PreAct-ResNet18 base width (64 in the paper's CIFAR model)
-    num_blocks: Sequence[int] = (1, 1, 1, 1)
+    model: str = "mlp_tiny"  # a registered timm model (hf_csr.models): the MLP 784-512-256-256-10, or preact_resnet_tiny
+    width: Optional[int] = None  # preact_resnet_tiny only: base width (64 in the paper's CIFAR model)
+    num_blocks: Optional[Sequence[int]] = None  # preact_resnet_tiny only: blocks per stage
+    crop_padding: int = 0  # random crops (0: none; an MLP gains nothing from translations)
     attack_eps: float = 0.1  # the usual Linf budget on Fashion-MNIST
     attack_steps: int = 10
     eval_attacks: str = "clean,autoattack:apgd-ce+apgd-t"  # AutoAttack's APGD-CE and APGD-T at their own iterations
     extra_eval: Optional[str] = "autoattack@1000"  # standard AutoAttack on a fixed balanced subset (masking check)
+    extra_eval_seeds: Optional[Sequence[int]] = (0,)  # the seeds whose runs get the check (None: every seed)
+    extra_eval_on: str = "best"  # the checkpoint the check evaluates (the reported one; shared when best = final)
     validation_size: Optional[int] = 1000
     validation_attack: str = "pgd10"
     fairness_val_size: int = 500
@@ -105,15 +109,26 @@ class ReproductionSettings:
         return f"{self.epochs * 0.5:g},{self.epochs * 0.75:g}"
 
 
+    def backbone_kwargs(self) -> Dict[str, Any]:
+        kwargs: Dict[str, Any] = {}
+        if self.width is not None:
+            kwargs["width"] = self.width
+        if self.num_blocks is not None:
+            kwargs["num_blocks"] = list(self.num_blocks)
+        return kwargs
+
+
 QUICK = ReproductionSettings(
     name="quick", epochs=2, train_examples=2000, eval_examples=300, batch_size=64, learning_rate=0.05,
-    attack_steps=3, eval_attacks="clean,pgd20", extra_eval="autoattack:apgd-ce@100", validation_size=200,
-    validation_attack="pgd5", fairness_val_size=100,
+    model="preact_resnet_tiny", width=8, num_blocks=(1, 1, 1, 1), crop_padding=2,
+    attack_steps=3, eval_attacks="clean,pgd20", extra_eval="autoattack:apgd-ce@100", extra_eval_seeds=None,
+    extra_eval_on="both", validation_size=200, validation_attack="pgd5", fairness_val_size=100,
 )
-POWER = ReproductionSettings(name="power", epochs=10)
+# Sized for power on 2 CPU cores: the MLP (about 0.05 ms per image forward+backward, a tenth of preact_resnet_tiny),
+# the whole training set, 6 epochs (PGD-AT's worst class is then well above zero), 3,000 test images (300 per class).
+POWER = ReproductionSettings(name="power", epochs=6, eval_examples=3000)
 SWEEP_SETTINGS = ReproductionSettings(
-    name="sweep", epochs=5, train_examples=20000, eval_examples=2000, extra_eval=None, seeds=(0, 1),
-    datasets=("fashion_mnist",),
+    name="sweep", epochs=6, eval_examples=2000, extra_eval=None, seeds=(0, 1), datasets=("fashion_mnist",),
 )
 SIZES = {"quick": QUICK, "power": POWER, "sweep": SWEEP_SETTINGS}
 
@@ -150,19 +165,22 @@ def run_arguments(dataset: str, method: str, seed: int, settings: ReproductionSe
 
     if dataset not in DATASETS:
         raise ValueError(f"dataset must be one of {list(DATASETS)}; got {dataset!r}.")
+    extra_eval = settings.extra_eval
+    if settings.extra_eval_seeds is not None and seed not in settings.extra_eval_seeds:
+        extra_eval = None
     experiment = ExperimentArguments(
-        model="preact_resnet_tiny", backbone_kwargs={"width": settings.width, "num_blocks": list(settings.num_blocks)},
+        model=settings.model, backbone_kwargs=settings.backbone_kwargs() or None,
         dataset="fashion_mnist", train_limit=settings.train_examples, eval_limit=settings.eval_examples, subset_seed=0,
         final_eval_attacks=settings.eval_attacks, eval_batch_size=settings.eval_batch_size,
         long_tail_ratio=settings.long_tail_ratio if dataset == "fashion_mnist_lt" else None,
         validation_size=settings.validation_size, validation_attack=settings.validation_attack,
-        extra_eval=settings.extra_eval,
+        extra_eval=extra_eval, extra_eval_on=settings.extra_eval_on,
     )
     training = CSRTrainingArguments(
         output_dir=str(run_dir), num_train_epochs=settings.epochs, max_steps=settings.max_steps or -1,
         per_device_train_batch_size=settings.batch_size, per_device_eval_batch_size=settings.eval_batch_size,
         learning_rate=settings.learning_rate, lr_milestones=settings.milestones(), attack_eps=settings.attack_eps,
-        attack_steps=settings.attack_steps, horizontal_flip=False, crop_padding=2, save_strategy="epoch",
+        attack_steps=settings.attack_steps, horizontal_flip=False, crop_padding=settings.crop_padding, save_strategy="epoch",
         save_total_limit=1, resume_from_checkpoint="last", logging_steps=50, disable_tqdm=True, report_to="none",
         seed=seed, use_cpu=not torch.cuda.is_available(), **method_flags(method, settings),
     )
@@ -212,11 +230,50 @@ def train_method(dataset: str, method: str, seed: int, settings: ReproductionSet
     return RobustImageClassifier.from_pretrained(str(run_dir)).eval()
 
 
+CLAIM = ".claimed"
+
+
+def _claim(run_dir: Path) -> bool:
+    """Mark ``run_dir`` as taken by this process (an exclusive create of ``run_dir/.claimed`` holding the pid);
+    False when another live process on this machine holds it. A claim whose process is gone is taken over."""
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / CLAIM
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text(encoding="utf-8").strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid == os.getpid():
+                return True
+            try:
+                if pid > 0:
+                    os.kill(pid, 0)
+                    return False  # alive: another process is on this run
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                return False
+            path.unlink(missing_ok=True)  # a stale claim (its process died)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        return True
+    return False
+
+
 def run_reproduction(output_dir, settings: ReproductionSettings, *, datasets: Optional[Sequence[str]] = None,
                      methods: Sequence[str] = tuple(METHODS), seeds: Optional[Sequence[int]] = None,
                      max_runs: Optional[int] = None) -> List[Path]:
     """Run every missing (dataset, method, seed) -- seed-major, so a stopped reproduction has all methods of the
-    first seeds -- and return the run folders. ``max_runs`` stops after that many new runs (a session's piece)."""
+    first seeds -- and return the run folders. ``max_runs`` stops after that many new runs (a session's piece).
+
+    Several processes may work on the same ``output_dir`` (e.g. one per core, with the seeds in different orders):
+    each claims a run before starting it (``<run>/.claimed``) and skips runs another live process has claimed."""
     seeds = list(settings.seeds if seeds is None else seeds)
     done, new = [], 0
     for dataset in (settings.datasets if datasets is None else datasets):
@@ -228,8 +285,14 @@ def run_reproduction(output_dir, settings: ReproductionSettings, *, datasets: Op
                 elif max_runs is not None and new >= max_runs:
                     logger.info("stopping after %d new run(s) (max_runs); rerun the command to continue", new)
                     return done
+                elif not _claim(run_dir):
+                    logger.info("skipping %s / %s / seed %d: another process is running it", dataset, method, seed)
+                    continue
                 else:
-                    run_one(dataset, method, seed, settings, run_dir)
+                    try:
+                        run_one(dataset, method, seed, settings, run_dir)
+                    finally:
+                        (run_dir / CLAIM).unlink(missing_ok=True)
                     new += 1
                 done.append(run_dir)
     return done
@@ -258,14 +321,16 @@ def read_json(path) -> Dict[str, Any]:
 
 def settings_table(presets: Sequence[ReproductionSettings]) -> str:
     """The presets side by side, as markdown."""
-    keys = ("epochs", "train_examples", "eval_examples", "validation_size", "batch_size", "learning_rate", "width",
-            "num_blocks", "attack_steps", "eval_attacks", "extra_eval", "seeds", "datasets")
+    keys = ("model", "width", "num_blocks", "epochs", "train_examples", "eval_examples", "validation_size", "batch_size",
+            "learning_rate", "crop_padding", "attack_steps", "eval_attacks", "extra_eval", "extra_eval_seeds",
+            "extra_eval_on", "seeds", "datasets")
     lines = ["| setting | " + " | ".join(p.name for p in presets) + " |", "| --- |" + " --- |" * len(presets)]
     for key in keys:
         cells = []
         for p in presets:
             value = getattr(p, key)
-            value = "all" if value is None and key in ("train_examples", "eval_examples") else value
+            value = "all" if value is None and key in ("train_examples", "eval_examples", "extra_eval_seeds") else value
+            value = "-" if value is None and key in ("width", "num_blocks") else value
             value = ", ".join(map(str, value)) if isinstance(value, (tuple, list)) else value
             cells.append(f"`{value}`" if isinstance(value, str) and key in ("eval_attacks", "extra_eval") else str(value))
         lines.append(f"| {key} | " + " | ".join(cells) + " |")
@@ -323,9 +388,11 @@ def estimate_seconds(settings: ReproductionSettings, method: str, dataset: str, 
     n_test = settings.eval_examples or FASHION_MNIST_TEST
     checkpoints = 2 if settings.validation_size else 1
     evaluation = checkpoints * _attack_units(settings.eval_attacks, n_test, robust)
-    if settings.extra_eval:
+    if settings.extra_eval:  # on the chosen checkpoint(s), for the chosen seeds (spread over the seeds)
         attacks, examples = settings.extra_eval.rsplit("@", 1)
-        evaluation += checkpoints * _attack_units(attacks, int(examples), robust)
+        share = 1.0 if settings.extra_eval_seeds is None else len(set(settings.extra_eval_seeds) & set(settings.seeds)) / len(settings.seeds)
+        on = checkpoints if settings.extra_eval_on == "both" else 1
+        evaluation += on * share * _attack_units(attacks, int(examples), robust)
     scale = ms_per_unit / 1000.0
     return {"train": (train + validation) * scale, "evaluation": evaluation * scale,
             "total": (train + validation + evaluation) * scale}
@@ -355,8 +422,8 @@ def calibrate_ms_per_unit(settings: ReproductionSettings, *, batch_size: int = 1
     from hf_csr.data import FASHION_MNIST_CLASSES
     from hf_csr.models import create_robust_classifier
 
-    model = create_robust_classifier("preact_resnet_tiny", class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
-                                     width=settings.width, num_blocks=tuple(settings.num_blocks))
+    model = create_robust_classifier(settings.model, class_names=FASHION_MNIST_CLASSES, num_channels=1, image_size=28,
+                                     **settings.backbone_kwargs())
     x = torch.rand(batch_size, 1, 28, 28, requires_grad=True)
     y = torch.arange(batch_size) % 10
 

@@ -28,6 +28,11 @@ ESTIMATE_MS_PER_UNIT = 1.0  # implied by the earlier medium runs (REPRODUCTION.m
 
 
 def default_output_dir(size: str) -> str:
+    """The power and sweep runs go to a tracked folder (docs/reproduction/runs/<size>: results, tables, run
+    records; its .gitignore keeps weights, plots and resume points out), so that finished runs are committed and
+    a later session continues from them; other sizes go to outputs/."""
+    if size in ("power", "sweep"):
+        return os.path.join("docs", "reproduction", "runs", size)
     return os.path.join("outputs", "reproduce_fashion_mnist", size)
 
 
@@ -42,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--methods", default=None, help="Comma-separated method names (default: all of the preset's table).")
     group.add_argument("--seeds", default=None, help="Comma-separated seeds (default: the preset's).")
     group.add_argument("--max_runs", type=int, default=None, help="Stop after this many new runs (resume later).")
-    group.add_argument("--output_dir", default=None, help="Run folders (default outputs/reproduce_fashion_mnist/<size>).")
+    group.add_argument("--output_dir", default=None, help="Run folders (default docs/reproduction/runs/<size> for power and sweep, "
+                       "outputs/reproduce_fashion_mnist/<size> otherwise).")
     group = parser.add_argument_group("overrides of the preset (the preset's name is then marked with *)")
     for name, kind in (("train_examples", int), ("eval_examples", int), ("epochs", int), ("max_steps", int),
                        ("validation_size", int), ("eval_attacks", str), ("extra_eval", str)):

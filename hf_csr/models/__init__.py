@@ -1,6 +1,6 @@
 """Backbones registered in timm's registry, and the transformers ``RobustImageClassifier``."""
 
-from . import preact_resnet, wide_resnet  # noqa: F401  (registers the timm models)
+from . import mlp, preact_resnet, wide_resnet  # noqa: F401  (registers the timm models)
 from .modeling_robust import MAX_PARAMETERS, RobustClassifierConfig, RobustImageClassifier, create_robust_classifier
 from ._common import checkpoint_blocks, unwrap_robust_classifier
 from .preact_resnet import PreActResNet

@@ -105,8 +105,12 @@ def test_sweep_table_and_reading():
 def test_runs_are_built_for_the_runner(tmp_path):
     experiment, training = run_arguments("fashion_mnist_lt", "CSR paper/ema", 2, POWER, tmp_path)
     assert experiment.long_tail_ratio == 100 and experiment.validation_size == 1000 and experiment.subset_seed == 0
-    assert experiment.train_limit is None and experiment.eval_limit is None  # full train and test sets
-    assert experiment.final_eval_attacks == "clean,autoattack:apgd-ce+apgd-t" and experiment.extra_eval == "autoattack@1000"
+    assert experiment.train_limit is None and experiment.eval_limit == 3000  # all training images, 300 test per class
+    assert experiment.model == "mlp_tiny" and training.crop_padding == 0
+    # standard AutoAttack's masking check: seed 0 only, on the reported (best) checkpoint
+    assert experiment.final_eval_attacks == "clean,autoattack:apgd-ce+apgd-t" and experiment.extra_eval is None
+    seed0, _ = run_arguments("fashion_mnist_lt", "CSR paper/ema", 0, POWER, tmp_path)
+    assert seed0.extra_eval == "autoattack@1000" and seed0.extra_eval_on == "best"
     assert training.output_dir == str(tmp_path) and training.seed == 2 and training.resume_from_checkpoint == "last"
     assert training.fairness_config.variant == "paper" and training.fairness_config.confusion_source == "ema"
     assert training.fairness_config.gamma == 0.1 and training.max_grad_norm in (None, 0, 0.0)
@@ -198,3 +202,22 @@ def test_t_table_matches_scipy_and_is_used_without_it(monkeypatch):
     assert report.t_quantile_975(2) == 4.302653
     with pytest.raises(ValueError, match="install scipy"):
         report.t_quantile_975(31)
+
+
+def test_two_processes_never_take_the_same_run(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from hf_csr_paper.reproduction import CLAIM, _claim
+
+    run = tmp_path / "fashion_mnist" / "PGD-AT" / "seed0"
+    assert _claim(run) and _claim(run)  # this process holds it (and may ask again)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (run / CLAIM).write_text(str(sleeper.pid))
+        assert not _claim(run)  # another live process holds it
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert _claim(run) and (run / CLAIM).read_text() == str(os.getpid())  # a dead holder's claim is taken over
