@@ -17,11 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 from .reproduction import BASELINES, DATASETS, METHODS, RELEASED_CSR, SWEEP
 
 __all__ = ["paired_differences", "t_quantile_975", "collect", "summarize", "summary_table", "comparisons",
-           "paired_table", "sweep_table", "sweep_reading", "generate", "write_report", "CHECKPOINTS", "METRICS"]
+           "paired_table", "masking_table", "sweep_table", "sweep_reading", "generate", "write_report", "CHECKPOINTS", "METRICS"]
 
 CHECKPOINTS = ("best", "final")
-METRICS = {"clean": "Clean", "clean_worst": "Worst clean", "aa": "AA", "aa_worst": "Worst AA",
-           "check": "AA (1k check)", "check_worst": "Worst AA (1k check)"}
+METRICS = {"clean": "Clean", "clean_worst": "Worst clean", "aa": "AA", "aa_worst": "Worst AA"}
 PLOTS = ("classwise_accuracy.png", "confusion_matrix.png")
 
 
@@ -103,7 +102,9 @@ def _metrics(results: Optional[Dict[str, Any]], extra: Optional[Dict[str, Any]])
     if extra:
         key = _robust_key(extra["attacks"])
         if key:
+            after = extra["attacks"][key].get("robust_accuracy_after") or {}
             out.update(check=extra["attacks"][key]["accuracy"], check_worst=extra["attacks"][key]["worst_class"]["accuracy"],
+                       check_apgd=after.get("apgd-t"), check_warnings=len(extra["attacks"][key].get("autoattack_warnings") or []),
                        check_attack=f"{key}@{extra['attacks'][key].get('num_examples')}")
     return out
 
@@ -165,11 +166,12 @@ def _order(methods: Sequence[str], known: Sequence[str]) -> List[str]:
 
 def summary_table(methods: Dict[str, Dict[str, Any]], checkpoint: str) -> str:
     """Mean ± sample std over seeds (percent) per method."""
-    lines = ["| Method | " + " | ".join(METRICS.values()) + " | seeds |" + (" best epochs |" if checkpoint == "best" else ""),
-             "| --- |" + " --- |" * (len(METRICS) + 1) + (" --- |" if checkpoint == "best" else "")]
+    lines = ["| Method | " + " | ".join(METRICS.values()) + " | seeds | min per run |" + (" best epochs |" if checkpoint == "best" else ""),
+             "| --- |" + " --- |" * (len(METRICS) + 2) + (" --- |" if checkpoint == "best" else "")]
     for method in _order(list(methods), list(METHODS) + list(SWEEP)):
         e = methods[method]
-        cells = [_cell(e[m]) for m in METRICS] + [str(len(e["seeds"]))]
+        minutes = sum(r["seconds"] for r in e["rows"]) / len(e["rows"]) / 60
+        cells = [_cell(e[m]) for m in METRICS] + [str(len(e["seeds"])), f"{minutes:.1f}"]
         if checkpoint == "best":
             cells.append(", ".join("–" if b is None else str(b) for b in e["best_epochs"]))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
@@ -213,6 +215,28 @@ def paired_table(summary: Dict[str, Any]) -> str:
                     lines.append(f"| {dataset} | {checkpoint} | {label} | {METRICS[metric]} | {stats['n']} | {diffs} | "
                                  f"{mean} | {ci} | {verdict(stats, a, other, METRICS[metric])} |")
     return "\n".join(lines)
+
+
+def masking_table(checkpoints: Dict[str, Dict[str, Any]]) -> Optional[str]:
+    """Standard AutoAttack's gradient-masking check, per run that has it: robust accuracy on the same fixed subset
+    after APGD-CE + APGD-T and after all four attacks (FAB-T and Square added). A large drop would mean the
+    gradient attacks of the main table are fooled (masking); a drop of a few tenths is the usual."""
+    lines = ["| Method | checkpoint | seed | images | after APGD-CE + APGD-T | standard AA | drop | worst-class standard AA | warnings |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    found = False
+    for checkpoint in CHECKPOINTS:
+        methods = checkpoints.get(checkpoint, {})
+        for method in _order(list(methods), list(METHODS) + list(SWEEP)):
+            for row in sorted(methods[method]["rows"], key=lambda r: r["seed"]):
+                if row.get("check") is None:
+                    continue
+                found = True
+                apgd = row.get("check_apgd")
+                drop = "–" if apgd is None else f"{100 * (apgd - row['check']):.2f}"
+                lines.append(f"| {method} | {checkpoint} | {row['seed']} | {row['check_attack'].rsplit('@', 1)[-1]} | "
+                             f"{'–' if apgd is None else f'{100 * apgd:.2f}'} | {100 * row['check']:.2f} | {drop} | "
+                             f"{100 * row['check_worst']:.2f} | {row.get('check_warnings', 0)} |")
+    return "\n".join(lines) if found else None
 
 
 def budget_check(methods: Dict[str, Dict[str, Any]]) -> str:
@@ -329,11 +353,14 @@ def generate(output_dir, *, label: Optional[str] = None, report_path=None, figur
             if not methods:
                 continue
             first = next(iter(methods.values()))
-            check = f"; check = `{first['check_attack']}`" if first["check_attack"] else ""
-            parts += [f"#### {dataset}, {checkpoint} checkpoint (AA = `{first['attack']}`{check})",
+            parts += [f"#### {dataset}, {checkpoint} checkpoint (AA = `{first['attack']}`)",
                       "", summary_table(methods, checkpoint), ""]
             if checkpoint == "best":
                 parts += [budget_check(methods), ""]
+        masking = masking_table(summary[dataset])
+        if masking:
+            parts += [f"#### {dataset}: gradient-masking check (standard AutoAttack on a fixed class-balanced subset, "
+                      "percent)", "", masking, ""]
     parts += ["#### Paired differences (points; same seed = same initialisation and data order)", "",
               paired_table(summary), ""]
     if report_path is not None and figures_dir is not None:
