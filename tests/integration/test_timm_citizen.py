@@ -37,6 +37,8 @@ FAMILIES = [
      [("init_conv", 16, 1), ("layer.0", 32, 1), ("layer.1", 64, 2), ("layer.2", 128, 4)]),
     ("wrn34_10_trades", dict(depth=10, width=1),
      [("init_conv", 16, 1), ("layer.0", 16, 1), ("layer.1", 32, 2), ("layer.2", 64, 4)]),
+    ("mlp_tiny", dict(in_chans=3, img_size=32, hidden=(16, 8, 8, 4)),
+     [("conv1", 16, 32), ("stages.0", 8, 32), ("stages.1", 8, 32), ("stages.2", 4, 32)]),
 ]
 IDS = [f[0] for f in FAMILIES]
 X = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
