@@ -399,8 +399,8 @@ def estimate_seconds(settings: ReproductionSettings, method: str, dataset: str, 
 
 
 def estimate_table(settings: ReproductionSettings, methods: Sequence[str], *, ms_per_unit: float = 1.0) -> str:
-    """Per (dataset, method): hours per run (training / evaluation / total) and the preset's total over its seeds."""
-    lines = ["| dataset | method | training (h) | evaluation (h) | run (h) | x seeds (h) |",
+    """Per (dataset, method): minutes per run (training / evaluation / total) and the preset's hours over its seeds."""
+    lines = ["| dataset | method | training (min) | evaluation (min) | run (min) | x seeds (h) |",
              "| --- | --- | --- | --- | --- | --- |"]
     grand = 0.0
     for dataset in settings.datasets:
@@ -408,9 +408,9 @@ def estimate_table(settings: ReproductionSettings, methods: Sequence[str], *, ms
             e = estimate_seconds(settings, method, dataset, ms_per_unit=ms_per_unit)
             total = e["total"] * len(settings.seeds) / 3600
             grand += total
-            lines.append(f"| {dataset} | {method} | {e['train'] / 3600:.1f} | {e['evaluation'] / 3600:.1f} | "
-                         f"{e['total'] / 3600:.1f} | {total:.1f} |")
-    lines.append(f"| all | {len(methods)} methods x {len(settings.seeds)} seeds | | | | **{grand:.0f}** |")
+            lines.append(f"| {dataset} | {method} | {e['train'] / 60:.1f} | {e['evaluation'] / 60:.1f} | "
+                         f"{e['total'] / 60:.1f} | {total:.2f} |")
+    lines.append(f"| all | {len(methods)} methods x {len(settings.seeds)} seeds | | | | **{grand:.1f}** |")
     return "\n".join(lines)
 
 
