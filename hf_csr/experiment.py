@@ -598,6 +598,8 @@ def run(experiment: ExperimentArguments, training: CSRTrainingArguments) -> Dict
         # A run killed before its first checkpoint simply starts again.
         resume = get_last_checkpoint(training.output_dir) if os.path.isdir(training.output_dir) else None
         logger.info("resuming from %s", resume or "the start (no complete checkpoint yet)")
+    if selection is not None and not resume:
+        selection.start_fresh()  # a killed earlier attempt's best epoch belongs to weights that are gone
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(_internal_call=True)  # no push yet: one push below, with the evaluation and card
     summary = training_summary(training, trainer.fairness)

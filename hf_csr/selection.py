@@ -107,6 +107,16 @@ class BestCheckpointCallback(TrainerCallback):
         if record.is_file() and (self.folder / "model.safetensors").is_file():
             self.record = json.loads(record.read_text(encoding="utf-8"))
 
+    def start_fresh(self) -> None:
+        """Forget a record left by an earlier attempt of this run (training starts again from the first step, so
+        its best epoch no longer exists): the record is emptied and its weights removed."""
+        if self.record["history"]:
+            logger.info("training starts from the first step: the best-epoch record left in %s is discarded", self.folder)
+        self.record.update(best_epoch=None, best_score=None, history=[])
+        self.record.pop("best_step", None)
+        for name in ("selection.json", "model.safetensors"):
+            (self.folder / name).unlink(missing_ok=True)
+
     def on_epoch_end(self, args, state, control, **kwargs):
         if self.trainer is None:
             raise ValueError("BestCheckpointCallback.trainer is not set: assign the trainer before training.")

@@ -138,3 +138,22 @@ def test_extra_eval_on_picks_the_checkpoint(tmp_path, monkeypatch):
     assert len(calls) == (2 if same else 3)
     with pytest.raises(ValueError, match="extra_eval_on must be one of"):
         experiment_module.ExperimentArguments(extra_eval_on="last")
+
+
+def test_a_restart_from_the_first_step_forgets_the_earlier_best_epoch(tmp_path):
+    # a killed earlier attempt left best/ with a high score but no checkpoint to resume from: its best epoch is
+    # gone with it, and must neither beat nor be mixed into the new run's record
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    stale = {"attack": "pgd2", "metric": "x", "validation_size": 20, "best_epoch": 2, "best_score": 1.0,
+             "history": [{"epoch": 2, "step": 8, "accuracy": 1.0, "worst_class_accuracy": 1.0, "clean_accuracy": 1.0}]}
+    (out / "best" / "selection.json").write_text(json.dumps(stale))
+    (out / "best" / "model.safetensors").write_bytes(b"not the weights of this run")
+    experiment, training = parse_args(TINY + ["--num_train_epochs", "1", "--validation_size", "20",
+                                              "--validation_attack", "pgd2", "--output_dir", str(out),
+                                              "--resume_from_checkpoint", "last"])
+    results = run(experiment, training)
+    record = json.loads((out / "best" / "selection.json").read_text())
+    assert record["best_score"] < 1.0 and len(record["history"]) == 1 and record["same_as_final"] is True
+    assert results["best"]["selection"]["best_epoch"] == 1
+    load_file(str(out / "best" / "model.safetensors"))  # the new run's weights, readable
