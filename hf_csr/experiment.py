@@ -635,8 +635,8 @@ def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArgument
                                            output_dir=os.path.join(output_dir, EXTRA_EVAL_DIR),
                                            dataset_name=experiment.dataset)
 
-    extra_on_final = experiment.extra_eval and (selection is None or experiment.extra_eval_on != "best")
-    extra_on_best = experiment.extra_eval and selection is not None and experiment.extra_eval_on != "final"
+    extra_on_final = bool(experiment.extra_eval) and (selection is None or experiment.extra_eval_on != "best")
+    extra_on_best = bool(experiment.extra_eval) and selection is not None and experiment.extra_eval_on != "final"
     if selection is None:
         return {**results, "extra_eval": extra(training.output_dir)} if extra_on_final else results
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -648,11 +648,11 @@ def _final_extras(experiment: ExperimentArguments, training: CSRTrainingArgument
     if same:
         # One evaluation serves both: the final one (with the extra one if either checkpoint asks for it).
         model.load_state_dict(final_weights)
-        if experiment.extra_eval and (extra_on_final or extra_on_best):
+        if extra_on_final or extra_on_best:
             results = {**results, "extra_eval": extra(training.output_dir)}
         if trainer.accelerator.is_main_process:
             _copy_evaluation(training.output_dir, best_dir)
-            if experiment.extra_eval:
+            if extra_on_best:
                 _copy_evaluation(os.path.join(training.output_dir, EXTRA_EVAL_DIR), os.path.join(best_dir, EXTRA_EVAL_DIR))
             atomic_write_json(Path(best_dir) / "selection.json", record)
         trainer.accelerator.wait_for_everyone()
